@@ -1,0 +1,130 @@
+"""The ``diffattr`` command: a thin layer over the public API.
+
+Exit status: 0 on success, 1 with a one-line message for bad input (any ``DiffattrError``;
+``--debug`` shows the traceback), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from diffattr._version import __version__
+from diffattr.cli import _commands
+from diffattr.cli._options import add_dataclass_options
+from diffattr.errors import DiffattrError
+from diffattr.models import DEFAULT_STEPS, TrainConfig, available_models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``diffattr`` command."""
+    parser = argparse.ArgumentParser(
+        prog="diffattr",
+        description="Training-data attribution for diffusion models.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffattr {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a diffusion model on a dataset")
+    _add_data_options(train)
+    train.add_argument(
+        "--model",
+        default="unet-tiny",
+        help=f"registry name ({', '.join(available_models())}) or module:factory",
+    )
+    train.add_argument("--out", required=True, help="checkpoint directory (resumed if present)")
+    train.add_argument(
+        "--until", type=int, help="stop after this many steps in total; resume later"
+    )
+    train.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    _add_common_options(train)
+    add_dataclass_options(train, TrainConfig)
+    train.set_defaults(run=_commands.train)
+
+    sample = commands.add_parser("sample", help="generate images from a checkpoint")
+    sample.add_argument("checkpoint", help="checkpoint directory")
+    sample.add_argument("--out", required=True, help="output directory")
+    sample.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    sample.add_argument("--seed", type=int, default=0, help="first seed: images use seed..seed+n-1")
+    sample.add_argument("--seeds", help="explicit comma-separated seeds (overrides --n/--seed)")
+    sample.add_argument("--sampler", choices=sorted(DEFAULT_STEPS), default="ddpm")
+    sample.add_argument("--steps", type=int, help=f"denoising steps (default: {DEFAULT_STEPS})")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default: 0)")
+    sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument(
+        "--weights",
+        choices=["auto", "ema", "raw"],
+        default="auto",
+        help="which weights: auto = EMA when saved (default: auto)",
+    )
+    _add_common_options(sample)
+    sample.set_defaults(run=_commands.sample)
+
+    info = commands.add_parser(
+        "info", help="print the metadata of a checkpoint, samples, or dataset"
+    )
+    info.add_argument("path", help="checkpoint dir, samples dir or .npz, image folder, or 'digits'")
+    info.set_defaults(run=_commands.info)
+
+    models = commands.add_parser("models", help="list the built-in model configurations")
+    models.set_defaults(run=_commands.models)
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline on the built-in digits: train, sample, measure"
+    )
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=_commands.DEMO_STEPS,
+        help=f"training steps (default: {_commands.DEMO_STEPS})",
+    )
+    demo.add_argument("--n-samples", type=int, default=64, help="images to generate (default: 64)")
+    _add_common_options(demo)
+    demo.set_defaults(run=_commands.demo)
+    return parser
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (built in), an image folder, or an .npz (default: digits)",
+    )
+    group.add_argument("--size", type=int, help="resize images to SIZE x SIZE")
+    group.add_argument(
+        "--query-fraction", type=float, default=0.1, help="held-out query fraction (default: 0.1)"
+    )
+    group.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: 0)")
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except DiffattrError as err:
+        if args.debug:
+            raise
+        print(f"diffattr: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "diffattr: interrupted (finished checkpoints are kept; rerun to resume)",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

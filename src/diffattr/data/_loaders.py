@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn.datasets
+import torch
+
+from diffattr._io import sha256_file
+from diffattr.data._dataset import ImageDataset
+from diffattr.data._folder import load_image_folder
+from diffattr.data._npz import load_npz
+from diffattr.data._resize import Size, is_positive_int, parse_size, resize_images
+from diffattr.errors import DataError
+
+__all__ = ["load_dataset", "load_digits", "load_from_source"]
+
+_ACCEPTED_SPECS = "'digits', a folder of PNG/JPEG images, or an .npz file"
+
+
+def load_digits(size: int | None = None) -> ImageDataset:
+    """Load scikit-learn's 1797 handwritten 8x8 digits (shipped with scikit-learn, no download).
+
+    Pixel values 0..16 map linearly to [-1, 1]; sample ids are 0..1796 in scikit-learn's order
+    and labels are the digit classes.
+
+    Args:
+        size: Resize to ``size x size`` with antialiased bilinear interpolation; None keeps 8x8.
+
+    Returns:
+        The ``"digits"`` dataset, shape (1797, 1, 8, 8) or (1797, 1, size, size).
+
+    Raises:
+        DataError: If ``size`` is not a positive int.
+    """
+    if size is not None and not is_positive_int(size):
+        raise DataError(f"size must be a positive int, got {size!r}")
+    digits = sklearn.datasets.load_digits()
+    pixels = digits.images.astype(np.float32) / 8.0 - 1.0
+    images = torch.from_numpy(np.ascontiguousarray(pixels[:, None]))
+    return ImageDataset(
+        images=resize_images(images, parse_size(size)),
+        ids=np.arange(len(pixels), dtype=np.int64),
+        name="digits",
+        labels=digits.target.astype(np.int64),
+        source={"kind": "digits", "size": None if size is None else int(size)},
+    )
+
+
+def load_dataset(spec: str | os.PathLike[str], size: Size | None = None) -> ImageDataset:
+    """Load a dataset named on the command line or in a config.
+
+    Args:
+        spec: ``"digits"``, a folder of PNG/JPEG images, or a path ending in ``.npz``.
+        size: Optional resize, passed to the matching loader.
+
+    Returns:
+        The loaded dataset.
+
+    Raises:
+        DataError: If ``spec`` is none of the accepted forms, or the loader rejects the data.
+    """
+    if isinstance(spec, str) and spec == "digits":
+        target = parse_size(size)
+        if target is not None and target[0] != target[1]:
+            raise DataError(f"digits images are square; got size={size!r}")
+        return load_digits(None if target is None else target[0])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_image_folder(path, size)
+    if path.suffix.lower() == ".npz":
+        return load_npz(path, size)
+    raise DataError(f"cannot load dataset {os.fspath(spec)!r}: expected {_ACCEPTED_SPECS}")
+
+
+def _require(source: dict[str, Any], *keys: str) -> None:
+    missing = [key for key in keys if key not in source]
+    if missing:
+        raise DataError(f"dataset source of kind {source['kind']!r} lacks {', '.join(missing)}")
+
+
+def _reload(source: dict[str, Any]) -> ImageDataset:
+    kind = source["kind"]
+    if kind == "digits":
+        _require(source, "size")
+        return load_digits(source["size"])
+    if kind == "folder":
+        _require(source, "path", "size", "channels", "files")
+        dataset = load_image_folder(source["path"], source["size"], source["channels"])
+        if dataset.source["files"] != source["files"]:
+            raise DataError(f"the image files in {source['path']} changed since it was loaded")
+        return dataset
+    if kind == "npz":
+        _require(source, "path", "size", "value_range", "layout", "sha256")
+        if Path(source["path"]).is_file() and sha256_file(source["path"]) != source["sha256"]:
+            raise DataError(f"{source['path']} changed since it was loaded (SHA-256 differs)")
+        return load_npz(source["path"], source["size"], source["value_range"], source["layout"])
+    if kind == "memory":
+        raise DataError("a dataset built in memory (source kind 'memory') cannot be reloaded")
+    raise DataError(f"unknown dataset source kind {kind!r}; expected digits, folder or npz")
+
+
+def load_from_source(source: dict[str, Any]) -> ImageDataset:
+    """Reload a dataset exactly from its ``ImageDataset.source`` description.
+
+    Subsets made with :meth:`ImageDataset.select` record their sample ids, so they reload as the
+    same subset. Folder and npz sources are checked against the recorded file names or file hash.
+
+    Args:
+        source: The ``source`` dict of a dataset, e.g. read back from run metadata.
+
+    Returns:
+        A dataset with the same images, ids and labels as the one the source came from.
+
+    Raises:
+        DataError: If the source is malformed or of an unknown kind, the data changed on disk,
+            or the loader rejects the data.
+    """
+    if not isinstance(source, dict) or "kind" not in source:
+        raise DataError(f"a dataset source must be a dict with a 'kind' key, got {source!r}")
+    dataset = _reload(source)
+    return dataset if source.get("ids") is None else dataset.select(source["ids"])

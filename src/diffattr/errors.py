@@ -1,0 +1,40 @@
+"""Domain errors raised by diffattr.
+
+Every error a user can cause derives from :class:`DiffattrError`, and each subclasses the nearest
+built-in too, so callers may catch either the specific error or the generic one. The CLI turns any
+``DiffattrError`` into a one-line message and exit status 1.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DiffattrError",
+    "UnknownModelError",
+]
+
+
+class DiffattrError(Exception):
+    """Base class of every error diffattr raises for bad input or bad state."""
+
+
+class ConfigError(DiffattrError, ValueError):
+    """A setting is invalid; the message names the field, the value and what is allowed."""
+
+
+class DataError(DiffattrError, ValueError):
+    """Input images are missing, unreadable or malformed; the message names the file or index."""
+
+
+class CheckpointError(DiffattrError, OSError):
+    """A checkpoint is missing, incomplete, corrupted or does not match the requested run."""
+
+
+class UnknownModelError(DiffattrError, KeyError):
+    """A model name is not in the registry and is not an importable ``module:factory`` path."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; a plain message reads better on the command line.
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,220 @@
+"""Checkpoints: safetensors weights plus one JSON file that describes everything else.
+
+Layout of a checkpoint directory::
+
+    checkpoint.json                 model spec, scheduler, training recipe, seeds, dataset, split,
+                                    step, and the name and SHA-256 of every weight file
+    model-<step>.safetensors        the trained weights
+    ema-<step>.safetensors          exponential moving average of the weights (optional)
+    optimizer-<step>.safetensors    optimizer tensors, for resuming (optional)
+
+Weight files carry the step in their names and ``checkpoint.json`` is replaced last, atomically,
+so an interrupted save leaves the previous checkpoint intact and loadable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffattr._io import atomic_write, read_json, sha256_file, write_json
+from diffattr._version import __version__
+from diffattr.errors import CheckpointError
+from diffattr.models._registry import ModelSpec, build_model
+
+CHECKPOINT_FILE = "checkpoint.json"
+FORMAT = "diffattr.checkpoint"
+FORMAT_VERSION = 1
+
+WeightsChoice = Literal["auto", "ema", "raw"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint's metadata; weights are read on demand.
+
+    Attributes:
+        path: The checkpoint directory.
+        model_spec: How to rebuild the model.
+        scheduler_config: The diffusers noise-scheduler config (with ``_class_name``).
+        step: Optimisation steps taken.
+        metadata: Everything else in ``checkpoint.json``: ``training`` recipe, ``dataset``,
+            ``split``, seeds; empty dicts when the model was not trained by diffattr.
+        files: Role (``model``, ``ema``, ``optimizer``) -> file name inside ``path``.
+    """
+
+    path: Path
+    model_spec: ModelSpec
+    scheduler_config: dict[str, Any]
+    step: int
+    metadata: dict[str, Any]
+    files: dict[str, str]
+
+    @property
+    def has_ema(self) -> bool:
+        """Whether EMA weights were saved."""
+        return "ema" in self.files
+
+    def load_state(self, role: str) -> dict[str, torch.Tensor]:
+        """Read one weight file (``model``, ``ema`` or ``optimizer``) as a tensor dict."""
+        if role not in self.files:
+            raise CheckpointError(f"{self.path}: checkpoint has no {role!r} weights")
+        file = self.path / self.files[role]
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: unreadable weights ({err})") from err
+
+    def load_model(self, weights: WeightsChoice = "auto", device: str = "cpu") -> nn.Module:
+        """Rebuild the model and load its weights, in eval mode.
+
+        Args:
+            weights: ``"ema"`` or ``"raw"`` (the optimised weights); ``"auto"`` takes the EMA
+                weights when the checkpoint has them, the usual choice for sampling and attribution.
+            device: Where to put the model.
+
+        Raises:
+            CheckpointError: The requested weights are missing or do not fit the model.
+        """
+        role = ("ema" if self.has_ema else "model") if weights == "auto" else weights
+        role = "model" if role == "raw" else role
+        model = build_model(self.model_spec)
+        state = self.load_state(role)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{self.path}: {role} weights do not fit the model: {err}"
+            ) from err
+        return model.to(device).eval()
+
+    def load_scheduler(
+        self, kind: Literal["ddpm", "ddim"] = "ddpm"
+    ) -> DDPMScheduler | DDIMScheduler:
+        """Build the noise scheduler the model was trained with, as a DDPM or DDIM sampler."""
+        cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+        return cls.from_config(self.scheduler_config)
+
+    def describe(self) -> dict[str, Any]:
+        """Return the full ``checkpoint.json`` content."""
+        return read_json(self.path / CHECKPOINT_FILE)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model_spec: ModelSpec,
+    scheduler_config: dict[str, Any],
+    step: int,
+    states: dict[str, dict[str, torch.Tensor]],
+    metadata: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """Write a checkpoint atomically and delete the files of the one it replaces.
+
+    Args:
+        path: The checkpoint directory (created if missing).
+        model_spec: How to rebuild the model.
+        scheduler_config: The noise scheduler's config, e.g. ``json.loads(s.to_json_string())``.
+        step: Optimisation steps taken.
+        states: Role -> tensor dict; must contain ``"model"``, may contain ``"ema"`` and
+            ``"optimizer"``.
+        metadata: JSON-serialisable extras (training recipe, dataset, split, seeds).
+
+    Returns:
+        The written checkpoint.
+    """
+    if "model" not in states:
+        raise CheckpointError("a checkpoint needs 'model' weights")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    previous = _referenced_files(path)
+    files: dict[str, dict[str, str]] = {}
+    for role, state in sorted(states.items()):
+        name = f"{role}-{step:08d}.safetensors"
+        tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+        atomic_write(path / name, lambda tmp, t=tensors: save_file(t, tmp))
+        files[role] = {"file": name, "sha256": sha256_file(path / name)}
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "diffattr_version": __version__,
+        "model": model_spec.to_dict(),
+        "scheduler": dict(scheduler_config),
+        "step": int(step),
+        "files": files,
+        **(metadata or {}),
+    }
+    write_json(path / CHECKPOINT_FILE, doc)
+    for stale in previous - {entry["file"] for entry in files.values()}:
+        (path / stale).unlink(missing_ok=True)
+    return load_checkpoint(path, verify=False)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
+    """Open a checkpoint directory.
+
+    Args:
+        path: The directory holding ``checkpoint.json``.
+        verify: Check every weight file against its recorded SHA-256.
+
+    Raises:
+        CheckpointError: The directory or a file is missing, ``checkpoint.json`` is malformed or of
+            another format, or a weight file does not match its recorded hash.
+    """
+    path = Path(path)
+    doc_path = path / CHECKPOINT_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not doc_path.is_file():
+        raise CheckpointError(f"{path}: not a diffattr checkpoint (no {CHECKPOINT_FILE})")
+    try:
+        doc = read_json(doc_path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{doc_path}: format is {doc.get('format')!r}, expected {FORMAT!r}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{doc_path}: format_version {doc.get('format_version')!r} is not supported "
+            f"(this diffattr reads version {FORMAT_VERSION})"
+        )
+    try:
+        files = {role: entry["file"] for role, entry in doc["files"].items()}
+        checkpoint = Checkpoint(
+            path=path,
+            model_spec=ModelSpec.from_dict(doc["model"]),
+            scheduler_config=dict(doc["scheduler"]),
+            step=int(doc["step"]),
+            metadata={k: v for k, v in doc.items() if k not in _CORE_KEYS},
+            files=files,
+        )
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{doc_path}: malformed checkpoint description ({err!r})") from err
+    if "model" not in files:
+        raise CheckpointError(f"{doc_path}: lists no 'model' weights")
+    for role, entry in doc["files"].items():
+        file = path / entry["file"]
+        if not file.is_file():
+            raise CheckpointError(f"{file}: {role} weights listed in {CHECKPOINT_FILE} are missing")
+        if verify and sha256_file(file) != entry["sha256"]:
+            raise CheckpointError(f"{file}: contents do not match the SHA-256 in {CHECKPOINT_FILE}")
+    return checkpoint
+
+
+_CORE_KEYS = {"format", "format_version", "model", "scheduler", "step", "files"}
+
+
+def _referenced_files(path: Path) -> set[str]:
+    try:
+        doc = read_json(path / CHECKPOINT_FILE)
+        return {entry["file"] for entry in doc["files"].values()}
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        return set()

@@ -1,0 +1,366 @@
+"""DDPM training: seeded, resumable, with warm-up + cosine learning rate and optional EMA.
+
+Every random draw of step ``s`` (batch order, timesteps, noise) comes from generators seeded by
+(``seed``, purpose, ``s``), so a run resumed from a checkpoint reaches the same weights as an
+uninterrupted one, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from diffattr._seed import derive_seed, generator
+from diffattr.data import DatasetSplit, ImageDataset
+from diffattr.errors import CheckpointError, ConfigError
+from diffattr.models._checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from diffattr.models._registry import ModelSpec, build_model, count_parameters, predict
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """The training recipe, recorded in every checkpoint so that retraining can repeat it."""
+
+    steps: int = field(default=4000, metadata={"help": "optimisation steps in total"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps, then cosine"})
+    ema_decay: float | None = field(
+        default=0.999, metadata={"help": "EMA decay of the weights (None: no EMA)"}
+    )
+    grad_clip: float | None = field(
+        default=1.0, metadata={"help": "clip the gradient norm to this (None: no clipping)"}
+    )
+    seed: int = field(default=0, metadata={"help": "root seed: initialisation, batches, noise"})
+    checkpoint_every: int = field(
+        default=1000, metadata={"help": "save a resumable checkpoint every this many steps"}
+    )
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "learning_rate": self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_steps": 0 <= self.warmup_steps < self.steps,
+            "ema_decay": self.ema_decay is None or 0 < self.ema_decay < 1,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+        }
+        allowed = {
+            "steps": ">= 1",
+            "batch_size": ">= 1",
+            "learning_rate": "a finite number > 0",
+            "weight_decay": ">= 0",
+            "warmup_steps": "0 <= warmup_steps < steps",
+            "ema_decay": "None or in (0, 1)",
+            "grad_clip": "None or > 0",
+            "checkpoint_every": ">= 0 (0: only the final checkpoint)",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                value = getattr(self, name)
+                raise ConfigError(
+                    f"TrainConfig.{name}={value!r} is invalid: must be {allowed[name]}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the recipe as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild a recipe from :meth:`to_dict` output; unknown keys are an error."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"TrainConfig has no fields {unknown}")
+        return cls(**data)
+
+    def learning_rate_at(self, step: int) -> float:
+        """Learning rate for optimisation step ``step`` (0-based): linear warm-up, cosine decay."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_scheduler_config(num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """The DDPM noise schedule of the papers: linear betas 1e-4..0.02, epsilon prediction."""
+    scheduler = DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+    )
+    return json.loads(scheduler.to_json_string())
+
+
+def train(
+    spec: ModelSpec,
+    dataset: ImageDataset,
+    config: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    split: DatasetSplit | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    until: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Checkpoint:
+    """Train a diffusion model on ``dataset``, resuming from ``out_dir`` if it holds a checkpoint.
+
+    Args:
+        spec: The model to build (see :func:`diffattr.models.model_spec`).
+        dataset: The training images, (N, C, H, W) in [-1, 1].
+        config: The recipe.
+        out_dir: Checkpoint directory; a checkpoint there from the same spec, recipe, scheduler
+            and data is resumed (a finished one is returned as it is).
+        split: The split ``dataset`` came from, recorded in the checkpoint.
+        scheduler_config: diffusers noise-scheduler config (default:
+            :func:`default_scheduler_config`).
+        device: Where to train ("cpu", "cuda", "cuda:1"...).
+        until: Stop after this many steps in total (for time-boxed jobs); resume later.
+        overwrite: Start afresh even if ``out_dir`` holds a different run.
+        progress: Show a progress bar.
+
+    Returns:
+        The last checkpoint written.
+
+    Raises:
+        CheckpointError: ``out_dir`` holds a checkpoint of a different run and ``overwrite`` is
+            False, or holds a corrupted one.
+        ConfigError: The data does not fit the model.
+    """
+    out_dir = Path(out_dir)
+    scheduler_config = scheduler_config or default_scheduler_config()
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    metadata = {
+        "training": config.to_dict(),
+        "dataset": dataset.describe(),
+        "split": split.to_dict() if split is not None else None,
+    }
+    _check_fits(spec, dataset)
+    model = _seeded_model(spec, config.seed).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    ema = _Ema(model, config.ema_decay) if config.ema_decay is not None else None
+    start = 0
+    if (out_dir / CHECKPOINT_FILE).exists() and not overwrite:
+        previous = load_checkpoint(out_dir)
+        _check_same_run(previous, spec, scheduler_config, metadata)
+        start = _restore(previous, model, optimizer, ema)
+    stop = min(config.steps, until) if until is not None else config.steps
+    if start >= stop:
+        return load_checkpoint(out_dir)
+
+    images = dataset.images.to(device)
+    batch_size = min(config.batch_size, len(dataset))
+    steps_per_epoch = len(dataset) // batch_size
+    model.train()
+    bar = tqdm(total=stop, initial=start, desc="train", unit="step", disable=not progress)
+    began = time.perf_counter()
+    for step in range(start, stop):
+        epoch, position = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(dataset), generator=generator(config.seed, "train-order", epoch))
+        index = order[position * batch_size : (position + 1) * batch_size].to(device)
+        x0 = images[index]
+        draw = generator(config.seed, "train-noise", step)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=draw)
+        noise = torch.randn(x0.shape, generator=draw).to(device)
+        t = t.to(device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        target = _target(scheduler, x0, noise, t)
+        loss = torch.nn.functional.mse_loss(predict(model, x_t, t), target)
+        if not torch.isfinite(loss):
+            raise ConfigError(
+                f"training diverged at step {step} (loss {loss.item()}); lower the LR"
+            )
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        done = step + 1
+        if done == stop or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            elapsed = time.perf_counter() - began
+            _save(
+                out_dir,
+                spec,
+                scheduler_config,
+                done,
+                model,
+                optimizer,
+                ema,
+                metadata,
+                {"seconds_this_call": round(elapsed, 3), "final_loss": loss.item()},
+            )
+    bar.close()
+    return load_checkpoint(out_dir, verify=False)
+
+
+def _check_fits(spec: ModelSpec, dataset: ImageDataset) -> None:
+    channels = spec.config.get("in_channels")
+    size = spec.config.get("sample_size")
+    height, width = dataset.image_size
+    if channels is not None and channels != dataset.channels:
+        raise ConfigError(
+            f"model {spec.name!r} takes {channels}-channel images, dataset "
+            f"{dataset.name!r} has {dataset.channels}"
+        )
+    if size is not None and (size, size) != (height, width):
+        raise ConfigError(
+            f"model {spec.name!r} takes {size}x{size} images, dataset {dataset.name!r} has "
+            f"{height}x{width}; resize the data or build the model for that size"
+        )
+
+
+def _seeded_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    # Fork the global RNG so that initialisation is seeded without touching the caller's state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init"))
+        model = build_model(spec)
+    if count_parameters(model) == 0:
+        raise ConfigError(f"model {spec.name!r} has no trainable parameters")
+    return model
+
+
+def _target(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ConfigError(f"unsupported prediction_type {kind!r}: use epsilon, v_prediction or sample")
+
+
+class _Ema:
+    """Exponential moving average of a model's floating-point state, with the usual warm-up."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        # Warm-up keeps early averages from being dominated by the random initialisation.
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.state[key].lerp_(value.detach(), 1.0 - decay)
+            else:
+                self.state[key].copy_(value)
+
+
+def _save(
+    out_dir: Path,
+    spec: ModelSpec,
+    scheduler_config: dict[str, Any],
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: _Ema | None,
+    metadata: dict[str, Any],
+    last_call: dict[str, Any],
+) -> None:
+    states = {"model": model.state_dict(), "optimizer": _flatten_optimizer(optimizer)}
+    if ema is not None:
+        states["ema"] = ema.state
+    extra = {**metadata, "last_call": last_call, "n_parameters": count_parameters(model)}
+    save_checkpoint(
+        out_dir,
+        model_spec=spec,
+        scheduler_config=scheduler_config,
+        step=step,
+        states=states,
+        metadata=extra,
+    )
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            flat[f"state.{index}.{key}"] = torch.as_tensor(value)
+    return flat
+
+
+def _restore(
+    checkpoint: Checkpoint,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: _Ema | None,
+) -> int:
+    device = next(model.parameters()).device
+    model.load_state_dict(checkpoint.load_state("model"))
+    if ema is not None:
+        ema.state = {k: v.to(device) for k, v in checkpoint.load_state("ema").items()}
+    nested: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in checkpoint.load_state("optimizer").items():
+        _, index, name = key.split(".", 2)
+        nested.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(
+        {"state": nested, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+    return checkpoint.step
+
+
+def _check_same_run(
+    previous: Checkpoint,
+    spec: ModelSpec,
+    scheduler_config: dict[str, Any],
+    metadata: dict[str, Any],
+) -> None:
+    current = {
+        "model": spec.to_dict(),
+        "scheduler": _comparable(scheduler_config),
+        "training": metadata["training"],
+        "dataset": metadata["dataset"]["fingerprint"],
+    }
+    stored = {
+        "model": previous.model_spec.to_dict(),
+        "scheduler": _comparable(previous.scheduler_config),
+        "training": previous.metadata.get("training"),
+        "dataset": (previous.metadata.get("dataset") or {}).get("fingerprint"),
+    }
+    differing = [
+        key
+        for key in current
+        if json.dumps(current[key], sort_keys=True) != json.dumps(stored[key], sort_keys=True)
+    ]
+    if differing:
+        raise CheckpointError(
+            f"{previous.path} holds a different run (its {', '.join(differing)} differ); "
+            "choose another output directory or pass overwrite"
+        )
+
+
+def _comparable(scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
