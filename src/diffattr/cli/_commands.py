@@ -37,7 +37,7 @@ DEMO_STEPS = 4000
 def train(args: argparse.Namespace) -> None:
     """``diffattr train``: train (or resume) a model on a dataset's training split."""
     device = resolve_device(args.device)
-    dataset = load_dataset(args.data, size=args.size)
+    dataset = load_dataset(args.data, size=args.size, value_range=args.value_range)
     split = split_dataset(dataset, query_fraction=args.query_fraction, seed=args.split_seed)
     config = dataclass_from_args(TrainConfig, args)
     spec = model_spec(args.model, in_channels=dataset.channels, sample_size=_side(dataset))

@@ -20,7 +20,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, prefix:
     for field in dataclasses.fields(cls):
         kind = _scalar_type(hints[field.name])
         default = field.default
-        help_text = f"{field.metadata.get('help', '')} (default: {default})"
+        # argparse formats help with %, so a literal percent sign must be doubled.
+        help_text = f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         group.add_argument(
             f"--{prefix}{field.name.replace('_', '-')}",
             dest=f"{prefix}{field.name}",

@@ -96,9 +96,22 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--size", type=int, help="resize images to SIZE x SIZE")
     group.add_argument(
+        "--value-range",
+        type=_value_range,
+        help="pixel range LOW,HIGH of an .npz's float images, e.g. 0,1 (default: inferred)",
+    )
+    group.add_argument(
         "--query-fraction", type=float, default=0.1, help="held-out query fraction (default: 0.1)"
     )
     group.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: 0)")
+
+
+def _value_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    return low, high
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:

@@ -49,12 +49,18 @@ def load_digits(size: int | None = None) -> ImageDataset:
     )
 
 
-def load_dataset(spec: str | os.PathLike[str], size: Size | None = None) -> ImageDataset:
+def load_dataset(
+    spec: str | os.PathLike[str],
+    size: Size | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> ImageDataset:
     """Load a dataset named on the command line or in a config.
 
     Args:
         spec: ``"digits"``, a folder of PNG/JPEG images, or a path ending in ``.npz``.
         size: Optional resize, passed to the matching loader.
+        value_range: The pixel range of an ``.npz``'s float images (see :func:`load_npz`);
+            an error for the other kinds, whose range is known.
 
     Returns:
         The loaded dataset.
@@ -62,16 +68,18 @@ def load_dataset(spec: str | os.PathLike[str], size: Size | None = None) -> Imag
     Raises:
         DataError: If ``spec`` is none of the accepted forms, or the loader rejects the data.
     """
+    path = Path(spec).expanduser()
+    if value_range is not None and path.suffix.lower() != ".npz":
+        raise DataError(f"value_range applies to .npz files only, not to {os.fspath(spec)!r}")
     if isinstance(spec, str) and spec == "digits":
         target = parse_size(size)
         if target is not None and target[0] != target[1]:
             raise DataError(f"digits images are square; got size={size!r}")
         return load_digits(None if target is None else target[0])
-    path = Path(spec).expanduser()
     if path.is_dir():
         return load_image_folder(path, size)
     if path.suffix.lower() == ".npz":
-        return load_npz(path, size)
+        return load_npz(path, size, value_range=value_range)
     raise DataError(f"cannot load dataset {os.fspath(spec)!r}: expected {_ACCEPTED_SPECS}")
 
 

@@ -187,7 +187,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
             f"(this diffattr reads version {FORMAT_VERSION})"
         )
     try:
-        files = {role: entry["file"] for role, entry in doc["files"].items()}
+        files = {role: str(entry["file"]) for role, entry in doc["files"].items()}
+        hashes = {role: str(entry["sha256"]) for role, entry in doc["files"].items()}
         checkpoint = Checkpoint(
             path=path,
             model_spec=ModelSpec.from_dict(doc["model"]),
@@ -200,11 +201,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         raise CheckpointError(f"{doc_path}: malformed checkpoint description ({err!r})") from err
     if "model" not in files:
         raise CheckpointError(f"{doc_path}: lists no 'model' weights")
-    for role, entry in doc["files"].items():
-        file = path / entry["file"]
+    for role, name in files.items():
+        file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: {role} weights listed in {CHECKPOINT_FILE} are missing")
-        if verify and sha256_file(file) != entry["sha256"]:
+        if verify and sha256_file(file) != hashes[role]:
             raise CheckpointError(f"{file}: contents do not match the SHA-256 in {CHECKPOINT_FILE}")
     return checkpoint
 

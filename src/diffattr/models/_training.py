@@ -39,7 +39,9 @@ class TrainConfig:
     batch_size: int = field(default=64, metadata={"help": "images per step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
-    warmup_steps: int = field(default=200, metadata={"help": "linear warm-up steps, then cosine"})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "linear warm-up steps, then cosine (None: 5% of steps)"}
+    )
     ema_decay: float | None = field(
         default=0.999, metadata={"help": "EMA decay of the weights (None: no EMA)"}
     )
@@ -57,7 +59,7 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1,
             "learning_rate": self.learning_rate > 0 and math.isfinite(self.learning_rate),
             "weight_decay": self.weight_decay >= 0,
-            "warmup_steps": 0 <= self.warmup_steps < self.steps,
+            "warmup_steps": self.warmup_steps is None or 0 <= self.warmup_steps < self.steps,
             "ema_decay": self.ema_decay is None or 0 < self.ema_decay < 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
             "checkpoint_every": self.checkpoint_every >= 0,
@@ -67,7 +69,7 @@ class TrainConfig:
             "batch_size": ">= 1",
             "learning_rate": "a finite number > 0",
             "weight_decay": ">= 0",
-            "warmup_steps": "0 <= warmup_steps < steps",
+            "warmup_steps": "None or 0 <= warmup_steps < steps",
             "ema_decay": "None or in (0, 1)",
             "grad_clip": "None or > 0",
             "checkpoint_every": ">= 0 (0: only the final checkpoint)",
@@ -91,11 +93,17 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig has no fields {unknown}")
         return cls(**data)
 
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """Warm-up length: ``warmup_steps``, or 5% of ``steps`` when that is None."""
+        return round(0.05 * self.steps) if self.warmup_steps is None else self.warmup_steps
+
     def learning_rate_at(self, step: int) -> float:
         """Learning rate for optimisation step ``step`` (0-based): linear warm-up, cosine decay."""
-        if step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        warmup = self.resolved_warmup_steps
+        if step < warmup:
+            return self.learning_rate * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
         return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
