@@ -1,0 +1,24 @@
+"""The demo end to end: trains unet-tiny on the digits and checks that the samples look like digits.
+
+Slow (about 6 minutes on 2 CPU cores): run with ``make test-all`` or ``pytest -m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffattr.cli import main
+
+
+@pytest.mark.slow
+def test_demo_samples_are_recognisable_digits(tmp_path: Path) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    figures = summary["class_confidence"]
+    assert figures["generated"] >= 0.7
+    assert figures["held-out real"] >= 0.85
+    assert figures["noise"] <= 0.45
+    assert (tmp_path / "samples" / "grid.png").is_file()
