@@ -12,6 +12,11 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DiffattrError",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreIncompleteError",
+    "StoreMismatchError",
+    "UnknownMethodError",
     "UnknownModelError",
 ]
 
@@ -32,9 +37,31 @@ class CheckpointError(DiffattrError, OSError):
     """A checkpoint is missing, incomplete, corrupted or does not match the requested run."""
 
 
-class UnknownModelError(DiffattrError, KeyError):
-    """A model name is not in the registry and is not an importable ``module:factory`` path."""
-
+class _PlainKeyError(DiffattrError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its argument; a plain message reads better on the command line.
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownModelError(_PlainKeyError):
+    """A model name is not in the registry and is not an importable ``module:factory`` path."""
+
+
+class UnknownMethodError(_PlainKeyError):
+    """An attribution method name is not in the registry."""
+
+
+class StoreError(DiffattrError, OSError):
+    """A feature store is missing or cannot be used."""
+
+
+class StoreMismatchError(StoreError):
+    """A store was made with other settings, samples or arrays than the ones asked for."""
+
+
+class StoreIncompleteError(StoreError):
+    """A store's featurisation has not finished; rerunning it resumes where it stopped."""
+
+
+class StoreCorruptError(StoreError):
+    """A store's files are truncated, altered or unreadable."""

@@ -13,10 +13,20 @@ import torch
 
 from diffattr._device import resolve_device
 from diffattr._io import write_json
-from diffattr.cli._options import dataclass_from_args
-from diffattr.data import load_dataset, load_npz, split_dataset
+from diffattr.cli._options import dataclass_from_args, reject_foreign_options
+from diffattr.data import (
+    ImageDataset,
+    load_dataset,
+    load_from_source,
+    load_npz,
+    save_grid,
+    split_dataset,
+)
 from diffattr.errors import ConfigError, DataError
 from diffattr.evaluation import ClassConfidence
+from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig
+from diffattr.methods import DAS, DASConfig, Scores, get_method
+from diffattr.methods import attribute as attribute_images
 from diffattr.models import (
     TrainConfig,
     available_models,
@@ -32,6 +42,9 @@ from diffattr.models._checkpoint import CHECKPOINT_FILE
 
 #: The demo's training length: enough for clean digits from unet-tiny (see README for timings).
 DEMO_STEPS = 4000
+#: The demo's attribution: DAS defaults with 10 uniform timesteps and k = 1024.
+DEMO_TIMESTEPS = 10
+DEMO_PROJ_DIM = 1024
 
 
 def train(args: argparse.Namespace) -> None:
@@ -113,7 +126,7 @@ def models(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    """``diffattr demo``: train unet-tiny on the digits, sample, and measure sample quality."""
+    """``diffattr demo``: train unet-tiny on the digits, sample, measure quality, attribute."""
     device = resolve_device(args.device)
     out = Path(args.out)
     began = time.perf_counter()
@@ -142,6 +155,31 @@ def demo(args: argparse.Namespace) -> None:
         "held-out real": confidence(split.query.images),
         "noise": confidence(noise),
     }
+    print("\nattributing the generated digits with DAS...", flush=True)
+    generated = load_npz(npz)
+    method = DAS(DASConfig())
+    features = FeatureConfig(
+        plan=PlanConfig(num_steps=DEMO_TIMESTEPS),
+        projection=ProjectionConfig(dim=DEMO_PROJ_DIM, max_memory_mb=4096),
+    )
+    attribution = out / "attribution"
+    scores = attribute_images(
+        method,
+        [checkpoint],
+        split.train,
+        generated,
+        features,
+        attribution,
+        device=str(device),
+        progress=not args.quiet,
+    )
+    top = {int(q): scores.top_k(int(q), 5)[0].tolist() for q in scores.query_ids}
+    write_json(attribution / "top.json", {"method": method.name, "top5": top})
+    save_grid(
+        _attribution_grid(generated, split.train, scores, rows=8, k=5),
+        attribution / "top.png",
+        nrow=6,
+    )
     seconds = time.perf_counter() - began
     write_json(
         out / "summary.json",
@@ -150,15 +188,40 @@ def demo(args: argparse.Namespace) -> None:
             "seconds": round(seconds, 1),
             "checkpoint": str(checkpoint.path),
             "samples": str(npz),
+            "scores": str(attribution / "scores" / method.name),
         },
     )
     print(f"\ndemo finished in {seconds:.0f} s on {device}")
     print("sample quality (mean top-class probability of a kernel classifier; higher is better):")
     for name, value in figures.items():
         print(f"  {name:14s} {value:.3f}")
+    print("top-5 training images (sample ids, digit labels) by DAS, first 8 generated digits:")
+    for query_id in scores.query_ids[:8]:
+        ids = top[int(query_id)]
+        print(f"  seed {int(query_id):3d}: ids {ids}  labels {_labels(split.train, ids)}")
     print(
-        f"checkpoint: {checkpoint.path}\nsamples:    {npz}\ngrid:       {out / 'samples/grid.png'}"
+        f"checkpoint: {checkpoint.path}\nsamples:    {npz}\n"
+        f"grid:       {out / 'samples/grid.png'}\n"
+        f"top images: {attribution / 'top.png'} (rows: a generated digit, then its top 5)"
     )
+
+
+def _attribution_grid(
+    queries: ImageDataset, train: ImageDataset, scores: Scores, rows: int, k: int
+) -> torch.Tensor:
+    """Images for a grid whose rows are a query followed by its top-k training images."""
+    tiles = []
+    for query_id in scores.query_ids[:rows]:
+        tiles.append(queries.select([int(query_id)]).images)
+        tiles.append(train.select(scores.top_k(int(query_id), k)[0]).images)
+    return torch.cat(tiles)
+
+
+def _labels(dataset: ImageDataset, ids: list[int]) -> list[int]:
+    if dataset.labels is None:
+        return []
+    rows = [int(np.flatnonzero(dataset.ids == i)[0]) for i in ids]
+    return dataset.labels[rows].tolist()
 
 
 def _side(dataset: Any) -> int:
@@ -197,3 +260,67 @@ def _print_npz(path: Path) -> None:
     sidecar = path.with_name("samples.json")
     if sidecar.is_file():
         print(sidecar.read_text())
+
+
+def attribute(args: argparse.Namespace) -> None:
+    """``diffattr attribute``: score query images against a checkpoint's training images."""
+    device = resolve_device(args.device)
+    checkpoints = [load_checkpoint(path) for path in args.checkpoints]
+    method_cls = get_method(args.method)
+    reject_foreign_options(args, args.method_options, method_cls.config_cls, args.method)
+    method = method_cls(dataclass_from_args(method_cls.config_cls, args))
+    train_data, queries = _attribution_data(checkpoints[0], args.queries)
+    if args.n_queries is not None:
+        queries = queries.select(queries.ids[: args.n_queries])
+    features = FeatureConfig(
+        plan=PlanConfig(
+            strategy=args.plan, num_steps=args.timesteps, noise=args.noise, seed=args.plan_seed
+        ),
+        projection=ProjectionConfig(
+            kind=args.projection,
+            dim=args.proj_dim,
+            distribution=args.proj_distribution,
+            seed=args.proj_seed,
+            max_memory_mb=args.max_memory_mb,
+        ),
+        parameters=tuple(args.parameters) if args.parameters else None,
+        dtype=args.precision,
+    )
+    began = time.perf_counter()
+    scores = attribute_images(
+        method,
+        checkpoints,
+        train_data,
+        queries,
+        features,
+        args.out,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        device=str(device),
+        progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - began
+    for query_id in scores.query_ids[: args.show]:
+        proponents, opponents = scores.top_k(int(query_id), args.top_k)
+        print(f"query {query_id}: top {proponents.tolist()}  bottom {opponents.tolist()}")
+    print(
+        f"{method.name}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
+        f"images, {len(checkpoints)} checkpoint(s), {args.timesteps} timesteps, "
+        f"k={args.proj_dim}, in {seconds:.0f} s on {device}\n"
+        f"scores: {Path(args.out) / 'scores' / method.name}"
+    )
+
+
+def _attribution_data(checkpoint: Any, queries: str) -> tuple[Any, Any]:
+    """The checkpoint's training images, and the queries: its held-out split or a path."""
+    source = (checkpoint.metadata.get("dataset") or {}).get("source")
+    if not source or source.get("kind") == "memory":
+        raise DataError(f"{checkpoint.path} does not record a reloadable training dataset")
+    train = load_from_source(source)
+    if queries != "held-out":
+        return train, load_dataset(queries)
+    split = checkpoint.metadata.get("split")
+    if not split:
+        raise DataError(f"{checkpoint.path} records no held-out split: pass --queries PATH")
+    whole = load_from_source({k: v for k, v in source.items() if k != "ids"})
+    return train, whole.select(split["query_ids"])

@@ -8,63 +8,106 @@ import types
 import typing
 from typing import Any
 
+from diffattr.errors import ConfigError
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "") -> None:
-    """Add one ``--option`` per field of ``cls``, typed, with the field's ``help`` metadata.
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
-    Optional fields (``float | None``) accept ``none``. Options default to ``None`` so that only
-    what the user typed overrides the dataclass defaults (see :func:`dataclass_from_args`).
+
+def add_dataclass_options(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
+) -> list[str]:
+    """Add one ``--option`` per scalar field of ``cls``, typed, with the field's ``help``.
+
+    Optional fields (``float | None``) accept ``none``; booleans accept true/false; Literal
+    fields list their choices. Options default to ``None`` so that only what the user typed
+    overrides the dataclass defaults (see :func:`dataclass_from_args`). Fields of other types
+    (tuples, nested settings) and those in ``skip`` get no option.
+
+    Returns:
+        The names of the fields that got an option.
     """
     group = parser.add_argument_group(f"{cls.__name__} settings")
     hints = typing.get_type_hints(cls)
+    added = []
+    existing = {a.dest for a in parser._actions}
     for field in dataclasses.fields(cls):
-        kind = _scalar_type(hints[field.name])
+        hint = hints[field.name]
+        parse = _parser_for(hint)
+        if parse is None or field.name in skip or field.name in existing:
+            continue
         default = field.default
         # argparse formats help with %, so a literal percent sign must be doubled.
         help_text = f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         group.add_argument(
-            f"--{prefix}{field.name.replace('_', '-')}",
-            dest=f"{prefix}{field.name}",
-            type=_parser_for(kind, optional=_is_optional(hints[field.name])),
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            type=parse,
             default=None,
             help=help_text,
-            metavar=kind.__name__.upper(),
+            metavar=parse.__name__.upper(),
         )
+        added.append(field.name)
+    return added
 
 
-def dataclass_from_args(
-    cls: type, args: argparse.Namespace, *, prefix: str = "", **base: Any
-) -> Any:
+def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any:
     """Build ``cls`` from the parsed options, keeping defaults (or ``base``) for untyped ones."""
     values = dict(base)
     for field in dataclasses.fields(cls):
-        value = getattr(args, f"{prefix}{field.name}", None)
+        value = getattr(args, field.name, None)
         if value is not None:
             values[field.name] = None if value is _NONE else value
     return cls(**values)
 
 
+def reject_foreign_options(
+    args: argparse.Namespace, names: list[str], cls: type, what: str
+) -> None:
+    """Raise ConfigError for options that were given but are not fields of ``cls``."""
+    own = {field.name for field in dataclasses.fields(cls)}
+    given = sorted(n for n in names if getattr(args, n, None) is not None and n not in own)
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ConfigError(f"{flags} do(es) not apply to {what}")
+
+
 _NONE = object()
 
 
-def _is_optional(hint: Any) -> bool:
-    return isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-
-
-def _scalar_type(hint: Any) -> type:
+def _parser_for(hint: Any) -> Any:
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
     if isinstance(hint, types.UnionType):
-        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    return hint
+        rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(rest) != 1:
+            return None
+        hint = rest[0]
+    if typing.get_origin(hint) is typing.Literal:
+        choices = [str(c) for c in typing.get_args(hint)]
 
+        def parse_choice(text: str) -> Any:
+            if optional and text.lower() == "none":
+                return _NONE
+            if text not in choices:
+                raise argparse.ArgumentTypeError(f"choose one of {choices}, got {text!r}")
+            return text
 
-def _parser_for(kind: type, *, optional: bool) -> Any:
-    def parse(text: str) -> Any:
+        parse_choice.__name__ = "|".join(choices)
+        return parse_choice
+    if hint not in (int, float, str, bool):
+        return None
+
+    def parse_scalar(text: str) -> Any:
         if optional and text.lower() == "none":
             return _NONE
+        if hint is bool:
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         try:
-            return kind(text)
+            return hint(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {hint.__name__}, got {text!r}") from None
 
-    parse.__name__ = kind.__name__
-    return parse
+    parse_scalar.__name__ = hint.__name__
+    return parse_scalar

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from diffattr._version import __version__
 from diffattr.cli import _commands
 from diffattr.cli._options import add_dataclass_options
 from diffattr.errors import DiffattrError
+from diffattr.methods import METHODS, DASConfig, TracInConfig
 from diffattr.models import DEFAULT_STEPS, TrainConfig, available_models
 
 
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="checkpoint dir, samples dir or .npz, image folder, or 'digits'")
     info.set_defaults(run=_commands.info)
 
+    _add_attribute_parser(commands)
+
     models = commands.add_parser("models", help="list the built-in model configurations")
     models.set_defaults(run=_commands.models)
 
@@ -85,6 +89,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(demo)
     demo.set_defaults(run=_commands.demo)
     return parser
+
+
+def _add_attribute_parser(commands: Any) -> None:
+    attribute = commands.add_parser(
+        "attribute", help="score query images against a checkpoint's training images"
+    )
+    attribute.add_argument("checkpoints", nargs="+", help="checkpoint dir(s); several: ensemble")
+    attribute.add_argument("--out", required=True, help="run directory (features are resumed)")
+    attribute.add_argument("--method", choices=sorted(METHODS), default="das")
+    attribute.add_argument(
+        "--queries",
+        default="held-out",
+        help="'held-out' (the checkpoint's held-out split), a samples dir/.npz or image folder",
+    )
+    attribute.add_argument("--n-queries", type=int, help="only the first N queries")
+    plan = attribute.add_argument_group("timestep plan")
+    plan.add_argument("--timesteps", type=int, default=10, help="K plan steps (default: 10)")
+    plan.add_argument("--plan", choices=["uniform", "cumulative", "random"], default="uniform")
+    plan.add_argument("--noise", choices=["per_sample", "shared"], default="per_sample")
+    plan.add_argument("--plan-seed", type=int, default=0)
+    projection = attribute.add_argument_group("projection")
+    projection.add_argument(
+        "--projection", choices=["dense", "sparse", "identity"], default="dense"
+    )
+    projection.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
+    projection.add_argument(
+        "--proj-distribution", choices=["gaussian", "rademacher"], default="gaussian"
+    )
+    projection.add_argument("--proj-seed", type=int, default=0)
+    projection.add_argument(
+        "--max-memory-mb",
+        type=int,
+        default=4096,
+        help="keep the projection matrix in memory up to this size",
+    )
+    attribute.add_argument(
+        "--parameters",
+        nargs="+",
+        metavar="GLOB",
+        help="only parameters matching these globs (e.g. '*attentions*')",
+    )
+    attribute.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    attribute.add_argument("--batch-size", type=int, default=32)
+    attribute.add_argument("--chunk-size", type=int, default=256)
+    attribute.add_argument("--top-k", type=int, default=5, help="proponents shown per query")
+    attribute.add_argument("--show", type=int, default=5, help="queries shown (default: 5)")
+    _add_common_options(attribute)
+    names: list[str] = []
+    for config_cls in (DASConfig, TracInConfig):
+        names += add_dataclass_options(attribute, config_cls)
+    attribute.set_defaults(run=_commands.attribute, method_options=names)
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:

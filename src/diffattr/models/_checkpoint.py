@@ -84,8 +84,7 @@ class Checkpoint:
         Raises:
             CheckpointError: The requested weights are missing or do not fit the model.
         """
-        role = ("ema" if self.has_ema else "model") if weights == "auto" else weights
-        role = "model" if role == "raw" else role
+        role = self._role(weights)
         model = build_model(self.model_spec)
         state = self.load_state(role)
         try:
@@ -102,6 +101,18 @@ class Checkpoint:
         """Build the noise scheduler the model was trained with, as a DDPM or DDIM sampler."""
         cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
         return cls.from_config(self.scheduler_config)
+
+    def weights_id(self, weights: WeightsChoice = "auto") -> str:
+        """Return the SHA-256 of the weights :meth:`load_model` would load.
+
+        It identifies the model in feature stores, so features of other weights are never mixed.
+        """
+        return str(self.describe()["files"][self._role(weights)]["sha256"])
+
+    def _role(self, weights: WeightsChoice) -> str:
+        if weights == "auto":
+            return "ema" if self.has_ema else "model"
+        return "model" if weights == "raw" else weights
 
     def describe(self) -> dict[str, Any]:
         """Return the full ``checkpoint.json`` content."""

@@ -1,0 +1,22 @@
+"""The feature engine: plans, per-sample gradients, projections, resumable stores, featurisation."""
+
+from diffattr.features._engine import FeatureConfig, featurize
+from diffattr.features._gradients import GradientComputer, select_parameters
+from diffattr.features._outputs import OutputConfig
+from diffattr.features._plan import Plan, PlanConfig
+from diffattr.features._projection import ProjectionConfig, Projector, make_projector
+from diffattr.features._store import FeatureStore
+
+__all__ = [
+    "FeatureConfig",
+    "FeatureStore",
+    "GradientComputer",
+    "OutputConfig",
+    "Plan",
+    "PlanConfig",
+    "ProjectionConfig",
+    "Projector",
+    "featurize",
+    "make_projector",
+    "select_parameters",
+]

@@ -1,0 +1,254 @@
+"""Featurisation: per-sample gradients over a plan, averaged, projected, and stored resumably.
+
+For each training (or query) image z and each plan step (t, noise seed), the engine computes the
+gradient g_t(z) of the output function over the selected parameters, optionally scales it to unit
+norm, averages over the plan, and projects once:
+
+    phi(z) = P^T (1/K) sum_t g_t(z) / ||g_t(z)||        (METHODS.md section 2)
+
+Projecting the plan average instead of each step is exact (P is linear) and K times cheaper. The
+store also keeps each step's diffusion loss and unnormalised gradient norm, which DAS's residual
+weighting and the diagnostics use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffattr.data import ImageDataset
+from diffattr.errors import ConfigError
+from diffattr.features._gradients import GradientComputer
+from diffattr.features._outputs import OutputConfig
+from diffattr.features._plan import Plan, PlanConfig
+from diffattr.features._projection import ProjectionConfig, Projector, make_projector
+from diffattr.features._store import FeatureStore
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Norms below this are treated as zero gradients (left unscaled rather than blown up).
+_TINY_NORM = 1e-30
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FeatureConfig:
+    """Everything that determines a sample's gradient features."""
+
+    output: OutputConfig = field(
+        default_factory=OutputConfig, metadata={"help": "the model output function f_t"}
+    )
+    plan: PlanConfig = field(
+        default_factory=PlanConfig, metadata={"help": "timesteps and noise seeds"}
+    )
+    projection: ProjectionConfig = field(
+        default_factory=ProjectionConfig, metadata={"help": "random projection to k dimensions"}
+    )
+    parameters: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "glob patterns of parameter names (None: all)"}
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "scale each step's gradient to unit norm (DAS, ReTrac)"}
+    )
+    dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata={"help": "precision of gradients and projection"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(
+                f"FeatureConfig.dtype={self.dtype!r} is invalid: must be one of {sorted(_DTYPES)}"
+            )
+        if self.parameters is not None:
+            if isinstance(self.parameters, str) or not all(
+                isinstance(p, str) for p in self.parameters
+            ):
+                raise ConfigError(
+                    f"FeatureConfig.parameters={self.parameters!r} is invalid: must be a tuple "
+                    "of glob strings or None"
+                )
+            object.__setattr__(self, "parameters", tuple(self.parameters))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as JSON types (inverse of :meth:`from_dict`)."""
+        return {
+            "output": self.output.to_dict(),
+            "plan": self.plan.to_dict(),
+            "projection": self.projection.to_dict(),
+            "parameters": None if self.parameters is None else list(self.parameters),
+            "normalize": self.normalize,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
+        """Rebuild settings written by :meth:`to_dict`."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"FeatureConfig has no fields {unknown}")
+        values = dict(data)
+        nested = {"output": OutputConfig, "plan": PlanConfig, "projection": ProjectionConfig}
+        for key, config_cls in nested.items():
+            if key in values:
+                values[key] = config_cls.from_dict(values[key])
+        if values.get("parameters") is not None:
+            values["parameters"] = tuple(values["parameters"])
+        return cls(**values)
+
+
+def featurize(
+    model: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    dataset: ImageDataset,
+    config: FeatureConfig,
+    path: str | os.PathLike[str],
+    *,
+    model_id: str,
+    batch_size: int = 32,
+    chunk_size: int = 256,
+    projection_buffer_mb: int = 1024,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> FeatureStore:
+    """Compute (or resume computing) the gradient features of every image of ``dataset``.
+
+    Args:
+        model: Any module called as ``model(x_t, t)``; it is copied, never changed.
+        scheduler_config: The noise schedule the model was trained with.
+        dataset: The images; rows of the store follow ``dataset.ids``.
+        config: What to compute.
+        path: Store directory. A store there with the same settings is resumed (finished chunks
+            are kept); one with other settings is refused.
+        model_id: Identifies the weights, e.g. the SHA-256 of a checkpoint's weight file; stores
+            of different models are never mixed.
+        batch_size: Images per gradient batch (speed and memory only).
+        chunk_size: Images per store chunk: the unit of resumption.
+        projection_buffer_mb: Gradients are buffered up to this size (and at most a chunk) and
+            projected together, so that a projection matrix regenerated block by block is
+            generated once per buffer rather than once per batch.
+        device: Where to compute.
+        progress: Show a progress bar.
+
+    Returns:
+        The finished store, with arrays ``features`` (N, r, k), ``losses`` (N, K),
+        ``grad_norms`` (N, K) (before normalisation) and ``residuals`` (N, K, r)
+        (f(target) - f(prediction), see :class:`GradientComputer`), K the plan length and r
+        the outputs per sample.
+
+    Raises:
+        StoreMismatchError: ``path`` holds a store made with other settings or samples.
+        ConfigError: Bad settings (e.g. k larger than the number of parameters).
+        DataError: The images do not fit the model.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} is invalid: must be >= 1")
+    dtype = _DTYPES[config.dtype]
+    computer = GradientComputer(
+        model, scheduler_config, config.output, config.parameters, dtype=dtype, device=device
+    )
+    plan = Plan.build(config.plan, computer.num_train_timesteps)
+    projector = make_projector(config.projection, computer.num_parameters, device)
+    r, k, steps = computer.num_outputs, projector.proj_dim, len(plan)
+    settings = {
+        "model_id": model_id,
+        "scheduler": {k_: v for k_, v in scheduler_config.items() if not k_.startswith("_")},
+        "features": _result_settings(config),
+        # Names the hash stream too, so stores of another generator version are refused.
+        "projector": projector.to_dict(),
+        "parameter_count": computer.num_parameters,
+        "dataset_fingerprint": dataset.fingerprint(),
+    }
+    # Stored in the computation's precision: float64 features keep exactness tests exact.
+    arrays = {
+        "features": ((r, k), config.dtype),
+        "losses": ((steps,), config.dtype),
+        "grad_norms": ((steps,), config.dtype),
+        "residuals": ((steps, r), config.dtype),
+    }
+    store = FeatureStore.create_or_resume(
+        path,
+        settings=json.loads(json.dumps(settings)),
+        ids=dataset.ids,
+        arrays=arrays,
+        chunk_size=chunk_size,
+    )
+    pending = store.pending_chunks()
+    row_of = {int(i): row for row, i in enumerate(dataset.ids)}
+    total = sum(len(store.chunk_ids(c)) for c in pending)
+    bar = tqdm(total=total, desc="features", unit="image", disable=not progress)
+    row_bytes = r * computer.num_parameters * torch.finfo(dtype).bits // 8
+    rows_per_projection = max(batch_size, (projection_buffer_mb << 20) // row_bytes)
+    for chunk in pending:
+        ids = store.chunk_ids(chunk)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+        buffer: list[torch.Tensor] = []
+        for start in range(0, len(ids), batch_size):
+            batch_ids = ids[start : start + batch_size]
+            rows = torch.as_tensor([row_of[int(i)] for i in batch_ids])
+            mean_grad, values = _batch_gradients(
+                computer, plan, dataset.images[rows], batch_ids, config.normalize
+            )
+            buffer.append(mean_grad)
+            for name, value in values.items():
+                parts[name].append(value)
+            if sum(len(g) for g in buffer) >= rows_per_projection:
+                parts["features"].append(_project(projector, buffer))
+            bar.update(len(batch_ids))
+        if buffer:
+            parts["features"].append(_project(projector, buffer))
+        store.write_chunk(chunk, {name: np.concatenate(values) for name, values in parts.items()})
+    bar.close()
+    store.finalize()
+    return FeatureStore.open(path, verify=False)
+
+
+def _batch_gradients(
+    computer: GradientComputer,
+    plan: Plan,
+    x0: torch.Tensor,
+    ids: np.ndarray,
+    normalize: bool,
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Plan-averaged (optionally per-step normalised) gradients (B, r, p), and per-step aux."""
+    batch, steps, r = len(ids), len(plan), computer.num_outputs
+    mean_grad = torch.zeros(
+        (batch, r, computer.num_parameters), dtype=computer.dtype, device=computer.device
+    )
+    losses = torch.empty((batch, steps), dtype=torch.float64)
+    norms = torch.empty((batch, steps), dtype=torch.float64)
+    residuals = torch.empty((batch, steps, r), dtype=torch.float64)
+    for step, timestep in enumerate(plan.timesteps):
+        noise = plan.noise_for(step, ids, tuple(x0.shape[1:]))
+        grads, loss, residual = computer.compute(x0, int(timestep), noise)
+        step_norms = grads.flatten(1).norm(dim=1)
+        if normalize:
+            grads = grads / step_norms.clamp_min(_TINY_NORM)[:, None, None]
+        mean_grad.add_(grads, alpha=1 / steps)
+        losses[:, step] = loss.detach().cpu().double()
+        norms[:, step] = step_norms.detach().cpu().double()
+        residuals[:, step] = residual.detach().cpu().double()
+    aux = {"losses": losses.numpy(), "grad_norms": norms.numpy(), "residuals": residuals.numpy()}
+    return mean_grad, aux
+
+
+def _project(projector: Projector, buffer: list[torch.Tensor]) -> np.ndarray:
+    """Project and empty the buffer of (B, r, p) gradients: one pass over P for all of them."""
+    grads = torch.cat(buffer)
+    buffer.clear()
+    batch, r, p = grads.shape
+    projected = projector.project(grads.reshape(batch * r, p)).reshape(batch, r, -1)
+    return projected.detach().cpu().numpy()
+
+
+def _result_settings(config: FeatureConfig) -> dict[str, Any]:
+    # Memory limits change speed, never the numbers: leave them out so a resume may change them.
+    settings = config.to_dict()
+    settings["projection"] = {
+        k: v for k, v in settings["projection"].items() if k != "max_memory_mb"
+    }
+    return settings

@@ -1,0 +1,106 @@
+"""One call from checkpoints and images to scores: featurise (resumable), fit, score, save."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from diffattr.data import ImageDataset
+from diffattr.errors import ConfigError
+from diffattr.features import FeatureConfig, FeatureStore, featurize
+from diffattr.methods._base import AttributionMethod
+from diffattr.methods._scores import Scores
+from diffattr.methods._tracin import TracIn
+from diffattr.models import Checkpoint, TrainConfig
+
+
+def attribute(
+    method: AttributionMethod,
+    checkpoints: Sequence[Checkpoint],
+    train: ImageDataset,
+    queries: ImageDataset,
+    features: FeatureConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    batch_size: int = 32,
+    chunk_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Scores:
+    """Attribute ``queries`` to ``train`` with ``method``, over one or more checkpoints.
+
+    Feature stores are kept under ``out_dir/features/<weights>/<settings>/`` and resumed on a
+    rerun; the scores are saved to ``out_dir/scores/<method>/``.
+
+    Args:
+        method: A configured method, e.g. ``DAS(DASConfig())``.
+        checkpoints: One or more checkpoints (several form an ensemble; TracIn's learning
+            rates default to each checkpoint's rate at its step).
+        train: The training images whose influence is measured.
+        queries: The images to explain (generated or held-out).
+        features: Plan, projection, parameter selection and precision; the method sets the
+            output function and normalisation it needs.
+        out_dir: Run directory.
+        batch_size: Images per gradient batch.
+        chunk_size: Images per store chunk (the unit of resumption).
+        device: Where to compute.
+        progress: Show progress bars.
+
+    Returns:
+        The scores, (n_query, n_train), also saved.
+    """
+    if not checkpoints:
+        raise ConfigError("attribute needs at least one checkpoint")
+    method_features = method.features(features)
+    out_dir = Path(out_dir)
+    if isinstance(method, TracIn) and method.config.learning_rates is None:
+        rates = tuple(_learning_rate(c) for c in checkpoints)
+        method = type(method)(replace(method.config, learning_rates=rates))
+    train_stores: list[FeatureStore] = []
+    query_stores: list[FeatureStore] = []
+    for checkpoint in checkpoints:
+        model_id = checkpoint.weights_id()
+        model = checkpoint.load_model(device=device)
+        base = out_dir / "features" / model_id[:16] / _settings_tag(method_features)
+        common = {
+            "model_id": model_id,
+            "batch_size": batch_size,
+            "chunk_size": chunk_size,
+            "device": device,
+            "progress": progress,
+        }
+        for data, stores, name in (
+            (train, train_stores, "train"),
+            (queries, query_stores, "query-" + queries.fingerprint()[:16]),
+        ):
+            stores.append(
+                featurize(
+                    model,
+                    checkpoint.scheduler_config,
+                    data,
+                    method_features,
+                    base / name,
+                    **common,
+                )
+            )
+    scores = method.fit(train_stores).score(query_stores)
+    scores.save(out_dir / "scores" / method.name)
+    return scores
+
+
+def _settings_tag(features: FeatureConfig) -> str:
+    digest = hashlib.sha256(json.dumps(features.to_dict(), sort_keys=True).encode()).hexdigest()
+    return f"{features.output.kind}-{digest[:12]}"
+
+
+def _learning_rate(checkpoint: Checkpoint) -> float:
+    training = checkpoint.metadata.get("training")
+    if not training:
+        raise ConfigError(
+            f"{checkpoint.path} records no training recipe: give TracIn's learning_rates"
+        )
+    return TrainConfig.from_dict(training).learning_rate_at(max(checkpoint.step - 1, 0))

@@ -1,0 +1,287 @@
+"""Kernel methods: TRAK, D-TRAK and DAS (METHODS.md section 3).
+
+All three use the damped kernel K = Phi^T Phi + lambda I of the training features (k x k,
+accumulated in float64 in blocks of training rows). With r outputs per sample
+(``output_projection``) the r rows of each sample are stacked: K = sum_i J_i^T J_i + lambda I,
+J_i the (r, k) features.
+
+lambda is never tuned on the evaluation queries: it is ``damping`` times the mean eigenvalue of
+Phi^T Phi (trace / k), a scale-free rule, and the value used is recorded with the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+import scipy.linalg
+
+from diffattr.errors import ConfigError
+from diffattr.features import FeatureConfig, FeatureStore, OutputConfig
+from diffattr.methods._base import AttributionMethod
+
+Transform = Literal["linear", "squared", "signed_square"]
+#: Training rows per block when accumulating the kernel and scoring.
+_BLOCK = 4096
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KernelConfig:
+    """Settings shared by the kernel methods."""
+
+    damping: float = field(
+        default=1e-2,
+        metadata={"help": "lambda as a multiple of the mean eigenvalue of Phi^T Phi"},
+    )
+    transform: Transform = field(
+        default="linear", metadata={"help": "score transform: linear, squared or signed_square"}
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damping, int | float) and self.damping >= 0):
+            raise ConfigError(f"damping={self.damping!r} is invalid: must be a number >= 0")
+        if self.transform not in ("linear", "squared", "signed_square"):
+            raise ConfigError(
+                f"transform={self.transform!r} is invalid: must be linear, squared or signed_square"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """The factorised damped kernel of one checkpoint's training features."""
+
+    factor: tuple[np.ndarray, bool]
+    lam: float
+    mean_eigenvalue: float
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """Return K^-1 rhs for rhs of shape (k, m), in float64."""
+        return scipy.linalg.cho_solve(self.factor, rhs)
+
+
+def fit_kernel(features: np.ndarray, damping: float) -> Kernel:
+    """Factorise K = Phi^T Phi + lambda I, lambda = damping * trace(Phi^T Phi) / k.
+
+    Args:
+        features: (N, r, k) training features (a memmap is read in blocks).
+        damping: Relative damping; 0 needs Phi^T Phi to be positive definite.
+
+    Raises:
+        ConfigError: The kernel is singular (give a damping > 0).
+    """
+    k = features.shape[-1]
+    gram = np.zeros((k, k))
+    for start in range(0, len(features), _BLOCK):
+        block = np.asarray(features[start : start + _BLOCK], dtype=np.float64).reshape(-1, k)
+        gram += block.T @ block
+    mean_eigenvalue = float(np.trace(gram)) / k
+    lam = damping * mean_eigenvalue
+    gram[np.diag_indices(k)] += lam
+    try:
+        factor = scipy.linalg.cho_factor(gram)
+    except np.linalg.LinAlgError as err:
+        raise ConfigError(
+            f"the kernel Phi^T Phi + lambda I is singular (lambda={lam:g}); use damping > 0"
+        ) from err
+    return Kernel(factor=factor, lam=lam, mean_eigenvalue=mean_eigenvalue)
+
+
+def _transform(values: np.ndarray, transform: Transform) -> np.ndarray:
+    if transform == "squared":
+        return values**2
+    if transform == "signed_square":
+        return np.sign(values) * values**2
+    return values
+
+
+class _KernelMethod(AttributionMethod):
+    """TRAK-style scores phi(x)^T K^-1 phi(z_i), summed over the r outputs."""
+
+    output_kind: str
+
+    def features(self, base: FeatureConfig) -> FeatureConfig:
+        return replace(base, output=OutputConfig(kind=self.output_kind), normalize=False)
+
+    def _fit_one(self, train: FeatureStore) -> Kernel:
+        return fit_kernel(train.array("features"), self.config.damping)
+
+    def _score_one(self, state: Kernel, train: FeatureStore, query: FeatureStore) -> np.ndarray:
+        queries = np.asarray(query.array("features"), dtype=np.float64)
+        n_query, r, k = queries.shape
+        # A = Q K^-1, computed once; then one matrix product per block of training rows.
+        solved = state.solve(queries.reshape(-1, k).T).T.reshape(n_query, r * k)
+        train_features = train.array("features")
+        out = np.empty((n_query, len(train_features)))
+        for start in range(0, len(train_features), _BLOCK):
+            block = np.asarray(train_features[start : start + _BLOCK], dtype=np.float64)
+            out[:, start : start + len(block)] = solved @ block.reshape(len(block), -1).T
+        return _transform(out, self.config.transform)
+
+    def _extra_settings(self) -> dict[str, Any]:
+        return {
+            "lambda": [s.lam for s in self._fit_state],
+            "mean_eigenvalue": [s.mean_eigenvalue for s in self._fit_state],
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TRAKConfig(KernelConfig):
+    """TRAK: kernel scores of diffusion-loss gradients."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DTRAKConfig(KernelConfig):
+    """D-TRAK: kernel scores of gradients of the squared norm of the predicted noise."""
+
+
+class TRAK(_KernelMethod):
+    """TRAK (Park et al. 2023) for diffusion: f = the diffusion loss on both sides.
+
+    The score phi(x)^T K^-1 phi(z_i) is the Newton-step prediction of how much the query's loss
+    rises when z_i is removed, so positive means z_i helped (TRAK's out-to-loss weight is 1 for
+    the diffusion loss).
+    """
+
+    name = "trak"
+    config_cls = TRAKConfig
+    output_kind = "loss"
+
+
+class DTRAK(_KernelMethod):
+    """D-TRAK (Zheng et al. 2024): TRAK's formula with f = ||eps_theta||^2 / D on both sides."""
+
+    name = "dtrak"
+    config_cls = DTRAKConfig
+    output_kind = "square_norm"
+
+
+Residual = Literal["signed", "rms", "reference", "none"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DASConfig(KernelConfig):
+    """DAS: the predicted change of the query's noise prediction when z_i is removed."""
+
+    transform: Transform = field(
+        default="squared",
+        metadata={"help": "linear: the signed change (r = 1 only); squared: its squared norm"},
+    )
+    output: Literal["mean", "output_projection"] = field(
+        default="mean", metadata={"help": "output compression: mean, or r random directions"}
+    )
+    num_directions: int = field(
+        default=4, metadata={"help": "r, the directions of output_projection"}
+    )
+    leverage: bool = field(
+        default=True, metadata={"help": "Sherman-Morrison leverage correction (I - L_ii)^-1"}
+    )
+    residual: Residual = field(
+        default="signed",
+        metadata={
+            "help": "signed: the compressed residual of z_i (exact for linear models); "
+            "rms: sqrt of its mean loss; reference: the DAS code's normalised form; none"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        KernelConfig.__post_init__(self)
+        if self.residual not in ("signed", "rms", "reference", "none"):
+            raise ConfigError(
+                f"residual={self.residual!r} is invalid: must be signed, rms, reference or none"
+            )
+        if self.output not in ("mean", "output_projection"):
+            raise ConfigError(
+                f"output={self.output!r} is invalid: must be mean or output_projection"
+            )
+        r = self.num_directions if self.output == "output_projection" else 1
+        if r > 1 and self.residual != "signed":
+            raise ConfigError(
+                f"residual={self.residual!r} needs one output; with "
+                f"{r} directions use residual='signed'"
+            )
+        if r > 1 and self.transform != "squared":
+            raise ConfigError(
+                "with several output directions DAS is a squared norm: use transform='squared'"
+            )
+
+
+class DAS(AttributionMethod):
+    """Diffusion Attribution Score (Lin et al., ICLR 2025), METHODS.md section 3.
+
+    Linearising eps_theta and taking one Newton step for removing z_i, the change of the query's
+    compressed prediction J(x) (an r-vector) is
+
+        pred(x) - pred_without_i(x) = J(x) K^-1 J_i^T (I - L_ii)^-1 rho_i,
+        L_ii = J_i K^-1 J_i^T (r x r, the leverage),  K = sum_j J_j^T J_j + lambda I,
+
+    rho_i the compressed residual f(eps) - f(eps_theta) of z_i. For a model linear in its
+    parameters trained to its least-squares optimum this is the exact leave-one-out change
+    (tests/methods/test_das_exact.py). ``transform="squared"`` (default) gives DAS's
+    squared norm of the change; ``"linear"`` the signed change (r = 1).
+
+    Features use per-step unit-normalised gradients by default (the DAS code's practice); the
+    residual of step t is then scaled by the same 1/||g_t||, so J_t^T rho_t keeps its pairing.
+    """
+
+    name = "das"
+    config_cls = DASConfig
+
+    def features(self, base: FeatureConfig) -> FeatureConfig:
+        output = OutputConfig(
+            kind=self.config.output,
+            num_directions=self.config.num_directions,
+            seed=base.output.seed,
+        )
+        return replace(base, output=output)
+
+    def _fit_one(self, train: FeatureStore) -> tuple[Kernel, np.ndarray]:
+        features = train.array("features")
+        kernel = fit_kernel(features, self.config.damping)
+        weights = self._residual_weights(train)  # (N, r)
+        n, r, k = features.shape
+        # v_i = K^-1 J_i^T (I - L_ii)^-1 rho_i for every training sample, in blocks.
+        directions = np.empty((n, k))
+        for start in range(0, n, _BLOCK):
+            block = np.asarray(features[start : start + _BLOCK], dtype=np.float64)  # (b, r, k)
+            solved = kernel.solve(block.reshape(-1, k).T).T.reshape(block.shape)  # K^-1 J_i^T
+            rho = weights[start : start + len(block)]
+            if self.config.leverage:
+                leverage = np.einsum("brk,bsk->brs", block, solved)
+                rho = np.linalg.solve(np.eye(r) - leverage, rho[..., None])[..., 0]
+            directions[start : start + len(block)] = np.einsum("brk,br->bk", solved, rho)
+        return kernel, directions
+
+    def _score_one(
+        self, state: tuple[Kernel, np.ndarray], train: FeatureStore, query: FeatureStore
+    ) -> np.ndarray:
+        _, directions = state
+        queries = np.asarray(query.array("features"), dtype=np.float64)  # (q, r, k)
+        change = np.einsum("qrk,ik->qir", queries, directions)
+        if self.config.transform == "squared":
+            return (change**2).sum(axis=2)
+        return _transform(change[:, :, 0], self.config.transform)
+
+    def _residual_weights(self, train: FeatureStore) -> np.ndarray:
+        n = train.n
+        if self.config.residual == "none":
+            return np.ones((n, 1))
+        losses = np.asarray(train.array("losses"), dtype=np.float64)  # (N, K)
+        if self.config.residual == "rms":
+            return np.sqrt(losses.mean(axis=1, keepdims=True))
+        if self.config.residual == "reference":
+            # The DAS code: per-step root-MSE, scaled to unit norm over the steps, then averaged.
+            root = np.sqrt(losses)
+            root /= np.maximum(np.linalg.norm(root, axis=1, keepdims=True), 1e-30)
+            return root.mean(axis=1, keepdims=True)
+        residuals = np.asarray(train.array("residuals"), dtype=np.float64)  # (N, K, r)
+        if train.settings["features"]["normalize"]:
+            norms = np.asarray(train.array("grad_norms"), dtype=np.float64)  # (N, K)
+            residuals = residuals / np.maximum(norms, 1e-30)[..., None]
+        return residuals.mean(axis=1)
+
+    def _extra_settings(self) -> dict[str, Any]:
+        return {
+            "lambda": [s[0].lam for s in self._fit_state],
+            "mean_eigenvalue": [s[0].mean_eigenvalue for s in self._fit_state],
+        }
