@@ -326,3 +326,21 @@ def test_default_warmup_is_five_percent_of_training() -> None:
     assert config.learning_rate_at(49) == pytest.approx(1e-3)
     assert config.learning_rate_at(50) == pytest.approx(1e-3)
     assert TrainConfig(steps=10).resolved_warmup_steps == 0  # short runs start at the peak
+
+
+def test_snapshots_keep_every_checkpoint(tmp_path: Path, digits_split: DatasetSplit) -> None:
+    spec = unet_spec()
+    final = train(
+        spec, digits_split.train, tiny_config(), tmp_path / "run", snapshots=True, progress=False
+    )
+    steps = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    assert steps == ["step-00000003", "step-00000006"]
+    early = load_checkpoint(tmp_path / "run" / "snapshots" / "step-00000003")
+    assert early.step == 3
+    assert "optimizer" not in early.files
+    halfway = train(
+        spec, digits_split.train, tiny_config(), tmp_path / "half", until=3, progress=False
+    )
+    assert states_equal(early.load_state("ema"), halfway.load_state("ema"))
+    last = load_checkpoint(tmp_path / "run" / "snapshots" / "step-00000006")
+    assert states_equal(last.load_state("model"), final.load_state("model"))

@@ -64,6 +64,7 @@ def train(args: argparse.Namespace) -> None:
         device=str(device),
         until=args.until,
         overwrite=args.overwrite,
+        snapshots=args.snapshots,
         progress=not args.quiet,
     )
     seconds = time.perf_counter() - began

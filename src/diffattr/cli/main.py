@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--until", type=int, help="stop after this many steps in total; resume later"
     )
     train.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    train.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="keep every checkpoint under OUT/snapshots/ (for TracIn over training)",
+    )
     _add_common_options(train)
     add_dataclass_options(train, TrainConfig)
     train.set_defaults(run=_commands.train)

@@ -130,6 +130,7 @@ def train(
     device: str | torch.device = "cpu",
     until: int | None = None,
     overwrite: bool = False,
+    snapshots: bool = False,
     progress: bool = True,
 ) -> Checkpoint:
     """Train a diffusion model on ``dataset``, resuming from ``out_dir`` if it holds a checkpoint.
@@ -146,6 +147,8 @@ def train(
         device: Where to train ("cpu", "cuda", "cuda:1"...).
         until: Stop after this many steps in total (for time-boxed jobs); resume later.
         overwrite: Start afresh even if ``out_dir`` holds a different run.
+        snapshots: Also keep every checkpoint as ``out_dir/snapshots/step-<step>/`` (weights
+            only), e.g. for TracIn, which sums over checkpoints along training.
         progress: Show a progress bar.
 
     Returns:
@@ -225,6 +228,7 @@ def train(
                 ema,
                 metadata,
                 {"seconds_this_call": round(elapsed, 3), "final_loss": loss.item()},
+                snapshots,
             )
     bar.close()
     return load_checkpoint(out_dir, verify=False)
@@ -297,19 +301,23 @@ def _save(
     ema: _Ema | None,
     metadata: dict[str, Any],
     last_call: dict[str, Any],
+    snapshot: bool,
 ) -> None:
     states = {"model": model.state_dict(), "optimizer": _flatten_optimizer(optimizer)}
     if ema is not None:
         states["ema"] = ema.state
     extra = {**metadata, "last_call": last_call, "n_parameters": count_parameters(model)}
-    save_checkpoint(
-        out_dir,
-        model_spec=spec,
-        scheduler_config=scheduler_config,
-        step=step,
-        states=states,
-        metadata=extra,
-    )
+    common = {
+        "model_spec": spec,
+        "scheduler_config": scheduler_config,
+        "step": step,
+        "metadata": extra,
+    }
+    if snapshot:
+        weights = {role: state for role, state in states.items() if role != "optimizer"}
+        save_checkpoint(out_dir / "snapshots" / f"step-{step:08d}", states=weights, **common)
+    # The resumable checkpoint is written last, so every step it records has its snapshot.
+    save_checkpoint(out_dir, states=states, **common)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffattr.cli import main
+from diffattr.methods import Scores
+
+from .test_cli import TRAIN_ARGS, _expect_error, _write_npz
+
+FAST = ["--timesteps", "1", "--proj-dim", "16", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("attribute")
+    data = _write_npz(root / "toy.npz", n=24)
+    argv = ["train", "--data", str(data), "--out", str(root / "ckpt"), *TRAIN_ARGS]
+    argv[argv.index("--checkpoint-every") + 1] = "1"
+    assert main([*argv, "--snapshots"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("method", ["das", "trak", "dtrak", "grad-cos"])
+def test_attribute_scores_the_held_out_split(
+    run: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run / f"attr-{method}"
+    argv = ["attribute", str(run / "ckpt"), "--out", str(out), "--method", method, *FAST]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"{method}: 2 queries x 22 training images, 1 checkpoint(s)" in stdout
+    assert stdout.count("query ") == 2
+    scores = Scores.load(out / "scores" / method)
+    assert scores.values.shape == (2, 22)
+    assert scores.method == method
+    # A rerun resumes the finished stores and gives the same scores.
+    assert main(argv) == 0
+    np.testing.assert_array_equal(Scores.load(out / "scores" / method).values, scores.values)
+
+
+def test_tracin_sums_over_training_snapshots(run: Path) -> None:
+    snapshots = sorted(str(p) for p in (run / "ckpt" / "snapshots").iterdir())
+    assert len(snapshots) == 3
+    out = run / "attr-tracin"
+    argv = ["attribute", *snapshots, "--out", str(out), "--method", "tracin", *FAST]
+    assert main(argv) == 0
+    scores = Scores.load(out / "scores" / "tracin")
+    assert len(scores.settings["checkpoints"]) == 3
+    assert len(scores.settings["config"]["learning_rates"]) == 3
+
+
+def test_attribute_rejects_bad_input(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["attribute", str(run / "ckpt"), "--out", str(run / "bad"), *FAST]
+    _expect_error(
+        capsys,
+        [*base, "--method", "trak", "--residual", "rms"],
+        "--residual",
+        "do(es) not apply to trak",
+    )
+    _expect_error(capsys, [*base, "--queries", str(run / "missing.npz")], "missing.npz")
+    _expect_error(capsys, [*base, "--proj-dim", "10000000"], "exceeds the number of parameters")
+    _expect_error(capsys, [*base, "--parameters", "nothing*"], "nothing*")
+    wrong_size = _write_npz(run / "big.npz", n=3, size=16)
+    _expect_error(capsys, [*base, "--queries", str(wrong_size)])
+    with pytest.raises(SystemExit) as info:
+        main([*base, "--method", "nope"])
+    assert info.value.code == 2
