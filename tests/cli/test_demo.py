@@ -1,6 +1,6 @@
-"""The demo end to end: trains unet-tiny on the digits and checks that the samples look like digits.
+"""The demo end to end: trains unet-tiny on the digits, checks the samples look like digits.
 
-Slow (about 6 minutes on 2 CPU cores): run with ``make test-all`` or ``pytest -m slow``.
+Slow (about 8 minutes on 2 CPU cores): run with ``make test-all`` or ``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -22,3 +22,7 @@ def test_demo_samples_are_recognisable_digits(tmp_path: Path) -> None:
     assert figures["held-out real"] >= 0.85
     assert figures["noise"] <= 0.45
     assert (tmp_path / "samples" / "grid.png").is_file()
+    assert (tmp_path / "attribution" / "top.png").is_file()
+    top = json.loads((tmp_path / "attribution" / "top.json").read_text())["top5"]
+    assert len(top) == 64
+    assert all(len(ids) == 5 for ids in top.values())
