@@ -13,7 +13,6 @@ weighting and the diagnostics use.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffattr._config import known_fields
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError
 from diffattr.features._gradients import GradientComputer
@@ -88,10 +88,7 @@ class FeatureConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
         """Rebuild settings written by :meth:`to_dict`."""
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"FeatureConfig has no fields {unknown}")
-        values = dict(data)
+        values = known_fields(cls, data)
         nested = {"output": OutputConfig, "plan": PlanConfig, "projection": ProjectionConfig}
         for key, config_cls in nested.items():
             if key in values:

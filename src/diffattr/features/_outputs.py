@@ -7,9 +7,10 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from diffattr._config import known_fields
 from diffattr._seed import generator
 from diffattr.errors import ConfigError
-from diffattr.features._plan import _is_int, _known_fields
+from diffattr.features._plan import _is_int
 
 OutputKind = Literal["loss", "square_norm", "mean", "l1", "l2", "linf", "output_projection"]
 
@@ -62,7 +63,7 @@ class OutputConfig:
         Raises:
             ConfigError: ``data`` is not a dict, has unknown keys or invalid values.
         """
-        return cls(**_known_fields(cls, data))
+        return cls(**known_fields(cls, data))
 
 
 def output_directions(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
+from diffattr._config import known_fields
 from diffattr._seed import derive_seed, generator
 from diffattr.errors import ConfigError
 
@@ -96,7 +97,7 @@ class PlanConfig:
         Raises:
             ConfigError: ``data`` is not a dict, has unknown keys or invalid values.
         """
-        return cls(**_known_fields(cls, data))
+        return cls(**known_fields(cls, data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,13 +236,3 @@ def _is_int(value: object) -> bool:
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"PlanConfig.{name}={value!r} is invalid: must be one of {list(allowed)}")
-
-
-def _known_fields(cls: type, data: object) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{cls.__name__} settings must be a dict, got {data!r}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{cls.__name__} has no fields {unknown}; known: {sorted(names)}")
-    return dict(data)

@@ -25,13 +25,14 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from diffattr._config import known_fields
 from diffattr._seed import derive_seed
 from diffattr.errors import ConfigError
 
@@ -417,10 +418,7 @@ class ProjectionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProjectionConfig:
         """Rebuild settings from :meth:`to_dict` output; unknown keys are an error."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"ProjectionConfig has no fields {unknown}")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
 
 def _same_device(held: torch.device, wanted: str | torch.device) -> bool:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from diffattr._config import known_fields
 from diffattr._seed import derive_seed, generator
 from diffattr.data import DatasetSplit, ImageDataset
 from diffattr.errors import CheckpointError, ConfigError
@@ -88,10 +89,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild a recipe from :meth:`to_dict` output; unknown keys are an error."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"TrainConfig has no fields {unknown}")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
     @property
     def resolved_warmup_steps(self) -> int:

@@ -1,0 +1,19 @@
+from dataclasses import fields
+from typing import Any
+
+from diffattr.errors import ConfigError
+
+
+def known_fields(cls: type, data: object) -> dict[str, Any]:
+    """Check that ``data`` is a dict of ``cls``'s dataclass fields; return a copy for ``cls(**)``.
+
+    The shared half of every settings class's ``from_dict``: unknown keys are an error naming
+    them and the known ones, never silently dropped.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} settings must be a dict, got {data!r}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no fields {unknown}; known: {sorted(names)}")
+    return dict(data)
