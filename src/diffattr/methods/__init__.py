@@ -14,6 +14,7 @@ from diffattr.methods._kernel import (
     fit_kernel,
 )
 from diffattr.methods._scores import SIGN_CONVENTION, Scores
+from diffattr.methods._similarity import embedding_cosine_scores, pixel_cosine_scores
 from diffattr.methods._tracin import (
     GradCos,
     GradDot,
@@ -58,6 +59,8 @@ __all__ = [
     "TracIn",
     "TracInConfig",
     "attribute",
+    "embedding_cosine_scores",
     "fit_kernel",
     "get_method",
+    "pixel_cosine_scores",
 ]
