@@ -33,8 +33,8 @@ def attribute(
 ) -> Scores:
     """Attribute ``queries`` to ``train`` with ``method``, over one or more checkpoints.
 
-    Feature stores are kept under ``out_dir/features/<weights>/<settings>/`` and resumed on a
-    rerun; the scores are saved to ``out_dir/scores/<method>/``.
+    Feature stores are kept under ``out_dir/features/<weights>/<settings>/<data>/`` and resumed
+    on a rerun; the scores are saved to ``out_dir/scores/<method>/``.
 
     Args:
         method: A configured method, e.g. ``DAS(DASConfig())``.
@@ -74,7 +74,7 @@ def attribute(
             "progress": progress,
         }
         for data, stores, name in (
-            (train, train_stores, "train"),
+            (train, train_stores, "train-" + train.fingerprint()[:16]),
             (queries, query_stores, "query-" + queries.fingerprint()[:16]),
         ):
             stores.append(
