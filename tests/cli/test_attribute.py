@@ -68,3 +68,19 @@ def test_attribute_rejects_bad_input(run: Path, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as info:
         main([*base, "--method", "nope"])
     assert info.value.code == 2
+
+
+def test_info_describes_stores_and_scores(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run / "attr-info"
+    argv = ["attribute", str(run / "ckpt"), "--out", str(out), "--method", "trak", *FAST]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "scores" / "trak")]) == 0
+    text = capsys.readouterr().out
+    assert '"method": "trak"' in text
+    assert '"shape": [\n    2,\n    22\n  ]' in text
+    store = next((out / "features").glob("*/*/train-*"))
+    assert main(["info", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert '"complete": true' in text
+    assert '"n": 22' in text

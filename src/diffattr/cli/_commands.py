@@ -24,9 +24,11 @@ from diffattr.data import (
 )
 from diffattr.errors import ConfigError, DataError
 from diffattr.evaluation import ClassConfidence
-from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig
-from diffattr.methods import DAS, DASConfig, Scores, get_method
+from diffattr.features import FeatureConfig, FeatureStore, PlanConfig, ProjectionConfig
+from diffattr.features._store import MANIFEST_FILE
+from diffattr.methods import DAS, SIGN_CONVENTION, DASConfig, Scores, get_method
 from diffattr.methods import attribute as attribute_images
+from diffattr.methods._scores import META_FILE as SCORES_META
 from diffattr.models import (
     TrainConfig,
     available_models,
@@ -103,11 +105,26 @@ def sample(args: argparse.Namespace) -> None:
 
 
 def info(args: argparse.Namespace) -> None:
-    """``diffattr info``: print what a checkpoint, samples file or dataset holds."""
+    """``diffattr info``: print what a checkpoint, store, scores, samples or dataset holds."""
     path = Path(args.path)
     if (path / CHECKPOINT_FILE).is_file():
         doc = load_checkpoint(path).describe()
         print(json.dumps(doc, indent=2, sort_keys=True))
+    elif (path / MANIFEST_FILE).is_file():
+        print(
+            json.dumps(FeatureStore.open(path, verify=False).describe(), indent=2, sort_keys=True)
+        )
+    elif (path / SCORES_META).is_file():
+        scores = Scores.load(path)
+        summary = {
+            "method": scores.method,
+            "shape": list(scores.values.shape),
+            "queries": _id_range(scores.query_ids),
+            "training images": _id_range(scores.train_ids),
+            "sign_convention": SIGN_CONVENTION,
+            "settings": scores.settings,
+        }
+        print(json.dumps(summary, indent=2, sort_keys=True))
     elif path.is_dir() and (path / "samples.npz").is_file():
         _print_npz(path / "samples.npz")
     elif path.suffix == ".npz" and path.is_file():
@@ -116,8 +133,13 @@ def info(args: argparse.Namespace) -> None:
         print(json.dumps(load_dataset(args.path).describe(), indent=2, sort_keys=True))
     else:
         raise DataError(
-            f"{path}: not a checkpoint directory, samples directory, .npz file or image folder"
+            f"{path}: not a checkpoint, feature store, scores or samples directory, .npz file "
+            "or image folder"
         )
+
+
+def _id_range(ids: np.ndarray) -> str:
+    return f"{len(ids)} ids ({int(ids.min())}..{int(ids.max())})"
 
 
 def models(args: argparse.Namespace) -> None:

@@ -70,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(run=_commands.sample)
 
     info = commands.add_parser(
-        "info", help="print the metadata of a checkpoint, samples, or dataset"
+        "info", help="print the metadata of a checkpoint, feature store, scores, samples or dataset"
     )
-    info.add_argument("path", help="checkpoint dir, samples dir or .npz, image folder, or 'digits'")
+    info.add_argument(
+        "path",
+        help="checkpoint, feature store or scores dir, samples dir or .npz, image folder, 'digits'",
+    )
     info.set_defaults(run=_commands.info)
 
     _add_attribute_parser(commands)
