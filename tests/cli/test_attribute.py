@@ -58,13 +58,13 @@ def test_attribute_rejects_bad_input(run: Path, capsys: pytest.CaptureFixture[st
         capsys,
         [*base, "--method", "trak", "--residual", "rms"],
         "--residual",
-        "do(es) not apply to trak",
+        "does not apply to trak",
     )
     _expect_error(capsys, [*base, "--queries", str(run / "missing.npz")], "missing.npz")
     _expect_error(capsys, [*base, "--proj-dim", "10000000"], "exceeds the number of parameters")
     _expect_error(capsys, [*base, "--parameters", "nothing*"], "nothing*")
     wrong_size = _write_npz(run / "big.npz", n=3, size=16)
-    _expect_error(capsys, [*base, "--queries", str(wrong_size)])
+    _expect_error(capsys, [*base, "--queries", str(wrong_size)], "(1, 16, 16) differ")
     with pytest.raises(SystemExit) as info:
         main([*base, "--method", "nope"])
     assert info.value.code == 2

@@ -69,7 +69,8 @@ def reject_foreign_options(
     given = sorted(n for n in names if getattr(args, n, None) is not None and n not in own)
     if given:
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise ConfigError(f"{flags} do(es) not apply to {what}")
+        verb = "does" if len(given) == 1 else "do"
+        raise ConfigError(f"{flags} {verb} not apply to {what}")
 
 
 _NONE = object()

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from diffattr.data import ImageDataset
-from diffattr.errors import ConfigError
+from diffattr.errors import ConfigError, DataError
 from diffattr.features import FeatureConfig, FeatureStore, featurize
 from diffattr.methods._base import AttributionMethod
 from diffattr.methods._scores import Scores
@@ -55,6 +55,12 @@ def attribute(
     """
     if not checkpoints:
         raise ConfigError("attribute needs at least one checkpoint")
+    if queries.images.shape[1:] != train.images.shape[1:]:
+        # Checked before any featurisation, which may take long.
+        raise DataError(
+            f"query images {tuple(queries.images.shape[1:])} differ from the training images "
+            f"{tuple(train.images.shape[1:])}"
+        )
     method_features = method.features(features)
     out_dir = Path(out_dir)
     if isinstance(method, TracIn) and method.config.learning_rates is None:

@@ -1,0 +1,623 @@
+r"""NDA: nonparametric, patch-level, multiscale data attribution (METHODS.md section 5).
+
+No model is needed: the attribution reads the weights of the optimal denoiser of the empirical
+(patch) distribution of the training set.
+
+**Definition.** Let ``x`` be a query image (C, H, W) in [-1, 1], ``z_1..z_N`` the training images,
+``abar_t`` the DDPM ``alphas_cumprod`` of the scheduler, ``k`` the (odd) patch size, ``r = k // 2``
+and ``m`` the mask value. For every timestep ``t`` and noise draw ``d``:
+
+- ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` with ``eps ~ N(0, I)`` drawn (float32, on the
+  CPU) from ``diffattr._seed.generator(seed, "nda-noise", t, d, query_id)``, so a query's noise
+  depends on its sample id only, never on which other queries are scored with it.
+- Keys are the scaled training images ``sqrt(abar_t) z_n``; every image (noised query and scaled
+  keys) is padded with the constant ``m`` *after* the scaling.
+- Fine scale: ``a_p`` is the ``k x k`` patch of ``x_t`` centred at pixel ``p = (i, j)`` (rows
+  ``i - r .. i + r``, columns likewise, all channels), and ``b_{n,q}`` the same patch of key ``n``
+  at pixel ``q``; ``p`` and ``q`` range over all ``H W`` pixels.
+- Coarse scale: the ``2k x 2k`` patch with top-left corner ``(i - k, j - k)`` passed through the
+  orthonormal 2x2 block projection (each non-overlapping 2x2 block of the patch, per channel,
+  becomes the sum of its 4 entries / 2), giving a ``k x k x C`` patch, at every pixel, for the
+  query and every key.
+- At each scale, one softmax per query patch ``p`` over all training images and positions
+  jointly::
+
+      W_t(p; n, q) = exp(l(p; n, q)) / sum_{n', q'} exp(l(p; n', q')),
+      l(p; n, q)   = -||a_p - b_{n,q}||^2 / (2 (1 - abar_t)).
+
+- ``tau_scale(x, z_n) = sum_p TopK_q W_t(p; n, q)``: the sum of the ``top_k`` largest weights of
+  image ``n`` over its positions ``q`` (all of them when ``top_k`` is None or ``>= H W``: then
+  ``sum_n tau_fine = H W`` exactly, every query patch spending a unit of weight).
+- ``tau_t = alpha tau_fine + (1 - alpha) tau_coarse``, and the score is the mean of ``tau_t`` over
+  the timesteps and noise draws. Scores are non-negative; a larger score means the training image
+  explains more of the query (the project's sign convention: positive helps).
+
+**Computation.** Exact, in one pass over the training set, never forming a patch matrix:
+
+- ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>``. ``||a_p||^2`` is the same for every ``(n, q)``
+  of a query patch, so it cancels in the softmax and is never computed; the logits used are
+  ``(<a_p, b_{n,q}> - ||b_{n,q}||^2 / 2) / (1 - abar_t)``, which differ from ``l`` by a constant
+  per ``p``.
+- The cross terms ``<a_p, b_{n,q}>`` for all ``p`` and ``q`` are one ``conv2d`` of the padded keys
+  with the query's patches as kernels (weight ``(H W, C, k, k)``; several queries and draws are
+  stacked along the output channels).
+- The key norms ``||b_{n,q}||^2`` are a box filter (``conv2d`` of the squared keys with ones) over
+  the whole training set, computed once per timestep and reused by every query and draw.
+- The coarse scale runs on 2x2-pooled images: the projection of the ``2k x 2k`` patch at pixel
+  ``(i, j)`` is the ``k x k`` window at ``(i // 2, j // 2)`` of the image pooled (sum / 2) in
+  phase ``(i mod 2, j mod 2)``, so four pooled images (one per phase) give every stride-1 position
+  exactly, with ``k x k`` kernels: the cost of the fine scale, not four times it.
+- The training set is processed in chunks sized from ``max_memory_mb``. Per query patch the pass
+  keeps the running log-sum-exp of all logits seen so far and, per image ``n``, the log-sum-exp of
+  its top-k logits; the top-k sum of weights is ``exp(that - global log-sum-exp)``, so
+  subtracting the final normaliser at the end makes the chunked softmax exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from diffattr._config import known_fields
+from diffattr._device import resolve_device
+from diffattr._io import atomic_write
+from diffattr._seed import generator
+from diffattr.data import ImageDataset
+from diffattr.errors import ConfigError, DataError
+from diffattr.methods._scores import Scores
+from diffattr.models import default_scheduler_config
+
+__all__ = ["NDAConfig", "nda_heatmaps", "nda_scores", "save_heatmap"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return (
+        isinstance(value, int | float | np.integer | np.floating)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NDAConfig:
+    """NDA settings: patch size, top-K, scale weights, timesteps and the memory budget."""
+
+    patch_size: int = field(
+        default=3, metadata={"help": "side k of the fine-scale patches (odd; coarse: 2k x 2k)"}
+    )
+    top_k: int | None = field(
+        default=100,
+        metadata={"help": "sum the top-K weights of each image per query patch (None: all)"},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "weight of the fine scale in [0, 1] (1: fine only, 0: coarse only)"},
+    )
+    mask_value: float = field(
+        default=10.0, metadata={"help": "constant m for patch entries outside the image"}
+    )
+    timesteps: tuple[int, ...] = field(
+        default=(100, 200, 300, 400, 500),
+        metadata={"help": "diffusion timesteps whose scores are averaged"},
+    )
+    noise_draws: int = field(default=1, metadata={"help": "noise draws per timestep"})
+    seed: int = field(default=0, metadata={"help": "root seed of the query noise"})
+    max_memory_mb: int = field(
+        default=512,
+        metadata={"help": "budget for the per-chunk tensors; sizes training chunks and batches"},
+    )
+    dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata={"help": "compute precision (float64 for small timesteps)"}
+    )
+
+    def __post_init__(self) -> None:
+        timesteps = self.timesteps
+        timesteps_ok = (
+            isinstance(timesteps, list | tuple)
+            and len(timesteps) > 0
+            and all(_is_int(t) and t >= 0 for t in timesteps)
+            and len(set(timesteps)) == len(timesteps)
+        )
+        checks = {
+            "patch_size": _is_int(self.patch_size)
+            and self.patch_size >= 1
+            and self.patch_size % 2 == 1,
+            "top_k": self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            "alpha": _is_real(self.alpha) and 0 <= self.alpha <= 1,
+            "mask_value": _is_real(self.mask_value),
+            "timesteps": timesteps_ok,
+            "noise_draws": _is_int(self.noise_draws) and self.noise_draws >= 1,
+            "seed": _is_int(self.seed),
+            "max_memory_mb": _is_int(self.max_memory_mb) and self.max_memory_mb >= 1,
+            "dtype": self.dtype in _DTYPES,
+        }
+        allowed = {
+            "patch_size": "an odd int >= 1",
+            "top_k": "None or an int >= 1",
+            "alpha": "a number in [0, 1]",
+            "mask_value": "a finite number",
+            "timesteps": "a non-empty list of distinct ints >= 0",
+            "noise_draws": "an int >= 1",
+            "seed": "an int",
+            "max_memory_mb": "an int >= 1",
+            "dtype": f"one of {sorted(_DTYPES)}",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                value = getattr(self, name)
+                raise ConfigError(f"NDAConfig.{name}={value!r} is invalid: must be {allowed[name]}")
+        # Normalise (frozen, so through object.__setattr__): JSON lists and numpy scalars in,
+        # plain Python values out, so that to_dict / from_dict round-trips compare equal.
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in timesteps))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "mask_value", float(self.mask_value))
+        for name in ("patch_size", "noise_draws", "seed", "max_memory_mb"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", int(self.top_k))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a JSON-serialisable dict."""
+        data = asdict(self)
+        data["timesteps"] = list(self.timesteps)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NDAConfig:
+        """Rebuild settings from :meth:`to_dict` output; unknown keys are an error."""
+        return cls(**known_fields(cls, data))
+
+
+# --------------------------------------------------------------------------------------------
+# Patch geometry: a scale is a list of "planes" (images on which a valid k x k conv gives some
+# of the H*W positions) plus the raster index of each position, in the planes' order.
+
+
+def _fine_planes(images: torch.Tensor, k: int, m: float) -> list[torch.Tensor]:
+    """The image padded by k // 2 with m: its valid k x k windows are the centred patches."""
+    r = k // 2
+    return [F.pad(images, (r, r, r, r), value=m)]
+
+
+def _coarse_planes(images: torch.Tensor, k: int, m: float) -> list[torch.Tensor]:
+    """Pooled (2x2 sum / 2) images in the four phases; empty phases (H or W = 1) are skipped.
+
+    The projected 2k x 2k patch with top-left (i - k, j - k) is the k x k window at
+    (i // 2, j // 2) of the phase (i % 2, j % 2) plane: padding by k puts image row i - k + 2u at
+    padded row i + 2u = (i % 2) + 2 (i // 2 + u).
+    """
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (k, k, k, k), value=m)
+    planes = []
+    for ph, pw in _PHASES:
+        rows, cols = (height - ph + 1) // 2, (width - pw + 1) // 2
+        if rows == 0 or cols == 0:
+            continue
+        window = padded[..., ph : ph + 2 * (rows + k - 1), pw : pw + 2 * (cols + k - 1)]
+        # avg_pool2d divides the block sum by 4; times 2 is the orthonormal sum / 2 (exactly:
+        # both are powers of two).
+        planes.append(F.avg_pool2d(window, 2) * 2)
+    return planes
+
+
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def _order(scale: str, height: int, width: int) -> torch.Tensor:
+    """Raster index (i * W + j) of each position, in the order the scale's planes list them."""
+    if scale == "fine":
+        return torch.arange(height * width)
+    parts = []
+    for ph, pw in _PHASES:
+        rows = torch.arange(ph, height, 2)
+        cols = torch.arange(pw, width, 2)
+        if len(rows) and len(cols):
+            parts.append((rows[:, None] * width + cols[None, :]).flatten())
+    return torch.cat(parts)
+
+
+def _planes(scale: str, images: torch.Tensor, k: int, m: float) -> list[torch.Tensor]:
+    return _fine_planes(images, k, m) if scale == "fine" else _coarse_planes(images, k, m)
+
+
+def _patches(planes: list[torch.Tensor], k: int) -> torch.Tensor:
+    """(R, C, h, w) planes -> (R * P, C, k, k) patches, query-major, positions in plane order."""
+    rows, channels = planes[0].shape[:2]
+    unfolded = torch.cat([F.unfold(plane, k) for plane in planes], dim=2)  # (R, C k k, P)
+    return unfolded.transpose(1, 2).reshape(-1, channels, k, k)
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    """One scale's keys at one timestep for the whole training set (reused by every query)."""
+
+    planes: list[torch.Tensor]  # (N, C, h, w) each
+    half_norms: torch.Tensor  # (N, Q): ||b_{n,q}||^2 / 2, positions in plane order
+
+
+def _keys(scale: str, scaled: torch.Tensor, k: int, m: float) -> _Keys:
+    planes = _planes(scale, scaled, k, m)
+    ones = torch.ones((1, scaled.shape[1], k, k), dtype=scaled.dtype, device=scaled.device)
+    # Box filter of the squared keys: ||b_{n,q}||^2 at every position in one conv per plane,
+    # once per timestep for the whole training set.
+    norms = torch.cat([F.conv2d(plane * plane, ones).flatten(1) for plane in planes], dim=1)
+    return _Keys(planes=planes, half_norms=norms * 0.5)
+
+
+def _logits(
+    weight: torch.Tensor, keys: _Keys, start: int, stop: int, inv_var: float
+) -> torch.Tensor:
+    """(Nc, R * P, Q) logits (<a_p, b_{n,q}> - ||b_{n,q}||^2 / 2) / (1 - abar) of a key chunk."""
+    # Cross terms: the chunk's padded keys convolved with every query patch as a kernel.
+    parts = [F.conv2d(plane[start:stop], weight).flatten(2) for plane in keys.planes]
+    cross = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return cross.sub_(keys.half_norms[start:stop, None, :]).mul_(inv_var)
+
+
+def _scale_pass(
+    weight: torch.Tensor, keys: _Keys, inv_var: float, top_k: int | None, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the training set for a stack of query patches.
+
+    Returns:
+        ``(lse, top)``: ``lse`` (R * P,) the log-sum-exp of every logit of each query patch,
+        ``top`` (R * P, N) the log-sum-exp of image n's top-K logits; ``exp(top - lse)`` is the
+        top-K sum of the softmax weights.
+    """
+    n, positions = keys.half_norms.shape
+    rows = weight.shape[0]
+    lse = torch.full((rows,), -math.inf, dtype=weight.dtype, device=weight.device)
+    top = torch.empty((rows, n), dtype=weight.dtype, device=weight.device)
+    partial_top = top_k is not None and top_k < positions
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        logits = _logits(weight, keys, start, stop, inv_var)
+        per_image = torch.logsumexp(logits, dim=2)  # (Nc, R * P)
+        # Running global normaliser over every (n, q) seen so far.
+        lse = torch.logaddexp(lse, torch.logsumexp(per_image, dim=0))
+        if partial_top:
+            # The top-K weights are the top-K logits; their log-sum does not need the normaliser.
+            per_image = torch.logsumexp(logits.topk(top_k, dim=2, sorted=False).values, dim=2)
+        top[:, start:stop] = per_image.T
+        del logits
+    return lse, top
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def _alphas_cumprod(config: NDAConfig, scheduler_config: dict[str, Any] | None) -> list[float]:
+    """abar_t of each configured timestep; ConfigError for one outside [0, T)."""
+    alphas = _scheduler(scheduler_config).alphas_cumprod
+    total = len(alphas)
+    bad = [t for t in config.timesteps if t >= total]
+    if bad:
+        raise ConfigError(
+            f"NDAConfig.timesteps={list(config.timesteps)} is invalid: timesteps {bad} are "
+            f"outside [0, {total}) of the noise schedule"
+        )
+    return [float(alphas[t]) for t in config.timesteps]
+
+
+def _check_shapes(queries: ImageDataset, train: ImageDataset) -> None:
+    if queries.channels != train.channels or queries.image_size != train.image_size:
+        raise DataError(
+            f"queries {queries.name!r} have shape {tuple(queries.images.shape[1:])} but training "
+            f"images {train.name!r} have {tuple(train.images.shape[1:])}; NDA compares patches "
+            "and needs the same channels and image size"
+        )
+
+
+def _noised(
+    images: torch.Tensor,
+    ids: np.ndarray,
+    draws: list[int],
+    t: int,
+    abar: float,
+    seed: int,
+) -> torch.Tensor:
+    """x_t of each (image, draw) row; the noise depends on (seed, t, draw, sample id) only."""
+    noise = torch.stack(
+        [
+            torch.randn(
+                images.shape[1:], generator=generator(seed, "nda-noise", int(t), d, int(i))
+            )
+            for i, d in zip(ids, draws, strict=True)
+        ]
+    ).to(device=images.device, dtype=images.dtype)
+    return math.sqrt(abar) * images + math.sqrt(1.0 - abar) * noise
+
+
+def _plan(
+    config: NDAConfig, rows_total: int, n_train: int, shape: tuple[int, ...], scales: int
+) -> tuple[int, int]:
+    """(rows per batch, training images per chunk) within ``max_memory_mb``."""
+    channels, height, width = shape
+    positions = height * width
+    itemsize = 4 if config.dtype == "float32" else 8
+    k = positions if config.top_k is None else min(config.top_k, positions)
+    # Per (query row, training image): the conv output / logits, a concatenation copy and the
+    # exp temporaries of logsumexp (3 tensors of P x Q), plus top-k values and int64 indices.
+    pair = positions * positions * 3 * itemsize
+    if k < positions:
+        pair += positions * k * (itemsize + 8)
+    # Per query row: the (P, N) top-K table of each scale.
+    row_fixed = scales * positions * n_train * itemsize
+    budget = config.max_memory_mb << 20
+    per_row = row_fixed + n_train * pair
+    if per_row <= budget:
+        return max(1, min(rows_total, budget // per_row)), n_train
+    return 1, max(1, min(n_train, (budget - row_fixed) // pair))
+
+
+def _scales(alpha: float) -> list[tuple[str, float]]:
+    return [(s, w) for s, w in (("fine", alpha), ("coarse", 1.0 - alpha)) if w > 0]
+
+
+def _nda_tau(
+    queries: ImageDataset,
+    train: ImageDataset,
+    config: NDAConfig,
+    *,
+    scheduler_config: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    chunk: int | None = None,
+    batch: int | None = None,
+) -> tuple[np.ndarray, list[float]]:
+    """The NDA scores as float64 (n_query, n_train), and the abar of each timestep.
+
+    ``chunk`` / ``batch`` override the training-chunk size and the query rows per batch that
+    ``max_memory_mb`` would choose (tests use them to exercise the chunked softmax).
+    """
+    _check_shapes(queries, train)
+    abars = _alphas_cumprod(config, scheduler_config)
+    device = resolve_device(device)
+    dtype = _DTYPES[config.dtype]
+    k, m = config.patch_size, config.mask_value
+    scales = _scales(config.alpha)
+    draws = config.noise_draws
+    # Rows are (query, draw) pairs, query-major; each is one noised query.
+    row_query = np.repeat(np.arange(len(queries)), draws)
+    row_draw = np.tile(np.arange(draws), len(queries)).tolist()
+    rows_total = len(row_query)
+    planned_batch, planned_chunk = _plan(
+        config, rows_total, len(train), tuple(train.images.shape[1:]), len(scales)
+    )
+    batch = batch or planned_batch
+    chunk = chunk or planned_chunk
+    positions = train.image_size[0] * train.image_size[1]
+
+    train_images = train.images.to(device=device, dtype=dtype)
+    query_images = queries.images.to(device=device, dtype=dtype)
+    tau = torch.zeros((len(queries), len(train)), dtype=torch.float64)
+    starts = range(0, rows_total, batch)
+    bar = tqdm(total=len(abars) * len(starts), desc="nda", unit="batch", disable=not progress)
+    for t, abar in zip(config.timesteps, abars, strict=True):
+        inv_var = 1.0 / (1.0 - abar)
+        # Keys depend on t only: scaled, padded, pooled and their norms once for every query.
+        scaled = math.sqrt(abar) * train_images
+        keys = {scale: _keys(scale, scaled, k, m) for scale, _ in scales}
+        for start in starts:
+            sel = row_query[start : start + batch]
+            x_t = _noised(
+                query_images[torch.from_numpy(sel).to(device)],
+                queries.ids[sel],
+                row_draw[start : start + batch],
+                t,
+                abar,
+                config.seed,
+            )
+            for scale, weight in scales:
+                patches = _patches(_planes(scale, x_t, k, m), k)
+                lse, top = _scale_pass(patches, keys[scale], inv_var, config.top_k, chunk)
+                share = torch.exp(top - lse[:, None]).reshape(len(sel), positions, -1).sum(1)
+                tau.index_add_(0, torch.from_numpy(sel), share.double().cpu(), alpha=weight)
+            bar.update(1)
+    bar.close()
+    tau /= len(abars) * draws
+    return tau.numpy(), abars
+
+
+def nda_scores(
+    queries: ImageDataset,
+    train: ImageDataset,
+    config: NDAConfig | None = None,
+    *,
+    scheduler_config: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Scores:
+    """Score every query against every training image with NDA (see the module docstring).
+
+    Args:
+        queries: Query images (e.g. generated samples), (Q, C, H, W) in [-1, 1].
+        train: Training images with the same channels and size.
+        config: The NDA settings (default: ``NDAConfig()``).
+        scheduler_config: diffusers noise-scheduler config giving ``abar_t`` (default:
+            :func:`diffattr.models.default_scheduler_config`, DDPM linear betas).
+        device: Where to compute ("cpu", "cuda", "auto"...).
+        progress: Show a progress bar.
+
+    Returns:
+        Scores with method ``"nda"``: ``values[q, n] = tau(x_q, z_n) >= 0``, settings the
+        config's :meth:`NDAConfig.to_dict` plus ``alphas_cumprod`` (one per timestep) and
+        ``num_train_timesteps``.
+
+    Raises:
+        DataError: The queries and training images differ in channels or size.
+        ConfigError: A timestep is outside ``[0, T)`` of the noise schedule, or a bad device.
+    """
+    config = config or NDAConfig()
+    values, abars = _nda_tau(
+        queries,
+        train,
+        config,
+        scheduler_config=scheduler_config,
+        device=device,
+        progress=progress,
+    )
+    settings = {
+        **config.to_dict(),
+        "alphas_cumprod": abars,
+        "num_train_timesteps": len(_scheduler(scheduler_config).alphas_cumprod),
+    }
+    return Scores(
+        values=values,
+        query_ids=queries.ids,
+        train_ids=train.ids,
+        method="nda",
+        settings=settings,
+    )
+
+
+def _scheduler(scheduler_config: dict[str, Any] | None) -> DDPMScheduler:
+    return DDPMScheduler.from_config(scheduler_config or default_scheduler_config())
+
+
+def _position(dataset: ImageDataset, sample_id: int, what: str) -> int:
+    found = np.flatnonzero(dataset.ids == sample_id)
+    if len(found) == 0:
+        raise DataError(f"{what} id {sample_id} is not in dataset {dataset.name!r}")
+    return int(found[0])
+
+
+def nda_heatmaps(
+    queries: ImageDataset,
+    train: ImageDataset,
+    query_id: int,
+    train_id: int,
+    config: NDAConfig | None = None,
+    *,
+    scheduler_config: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fine-scale spatial attribution of one query to one training image.
+
+    The weights are normalised over the whole training set (the same chunked pass as
+    :func:`nda_scores`), then read for image ``train_id``; both maps are averaged over the
+    timesteps and noise draws.
+
+    Args:
+        queries: Dataset holding the query.
+        train: The training set (all of it: it sets the softmax normaliser).
+        query_id: Sample id of the query in ``queries``.
+        train_id: Sample id of the training image in ``train``.
+        config: The NDA settings (``alpha`` is ignored: the maps are fine-scale).
+        scheduler_config: As for :func:`nda_scores`.
+        device: Where to compute.
+
+    Returns:
+        ``(query_map, train_map)``, each (H, W) float64 and non-negative.
+        ``query_map[p]`` is the top-K weight mass image ``train_id`` takes at query patch ``p``
+        (which query pixels that image explains; it sums to the image's fine-scale score), and
+        ``train_map[q] = sum_p W(p; train_id, q)`` (where in the training image the matching
+        patches lie).
+
+    Raises:
+        DataError: Unknown sample ids, or mismatched channels / sizes.
+        ConfigError: A timestep outside the noise schedule.
+    """
+    config = config or NDAConfig()
+    _check_shapes(queries, train)
+    query_pos = _position(queries, query_id, "query")
+    target = _position(train, train_id, "training")
+    abars = _alphas_cumprod(config, scheduler_config)
+    device = resolve_device(device)
+    dtype = _DTYPES[config.dtype]
+    k, m = config.patch_size, config.mask_value
+    height, width = train.image_size
+    positions = height * width
+    draws = list(range(config.noise_draws))
+    _, chunk = _plan(config, len(draws), len(train), tuple(train.images.shape[1:]), 1)
+    train_images = train.images.to(device=device, dtype=dtype)
+    query = queries.images[query_pos : query_pos + 1].to(device=device, dtype=dtype)
+    order = _order("fine", height, width).to(device)
+    query_map = torch.zeros(positions, dtype=torch.float64)
+    train_map = torch.zeros(positions, dtype=torch.float64)
+    for t, abar in zip(config.timesteps, abars, strict=True):
+        inv_var = 1.0 / (1.0 - abar)
+        keys = _keys("fine", math.sqrt(abar) * train_images, k, m)
+        x_t = _noised(
+            query.expand(len(draws), -1, -1, -1),
+            np.full(len(draws), queries.ids[query_pos]),
+            draws,
+            t,
+            abar,
+            config.seed,
+        )
+        patches = _patches(_planes("fine", x_t, k, m), k)
+        lse, top = _scale_pass(patches, keys, inv_var, config.top_k, chunk)
+        # (R * P,) top-K mass of the target at each query patch, rows draw-major.
+        mass = torch.exp(top[:, target] - lse).reshape(len(draws), positions).sum(0)
+        weights = torch.exp(_logits(patches, keys, target, target + 1, inv_var)[0] - lse[:, None])
+        spread = weights.reshape(len(draws), positions, positions).sum((0, 1))
+        query_map[order.cpu()] += mass.double().cpu()
+        train_map[order.cpu()] += spread.double().cpu()
+    scale = len(abars) * len(draws)
+    return (
+        (query_map / scale).reshape(height, width).numpy(),
+        (train_map / scale).reshape(height, width).numpy(),
+    )
+
+
+def save_heatmap(
+    image: torch.Tensor,
+    heat: np.ndarray,
+    path: str | os.PathLike[str],
+    scale: int = 8,
+) -> Path:
+    """Write a PNG of ``image`` in grey with ``heat`` overlaid ('inferno', blended at 0.5).
+
+    Args:
+        image: (C, H, W) in [-1, 1]; colour images are shown as the mean of their channels.
+        heat: (H, W) non-negative map, e.g. from :func:`nda_heatmaps`; shown relative to its
+            maximum.
+        path: Where to write the PNG (parent folders are created).
+        scale: Nearest-neighbour upscaling factor; the PNG is (H * scale, W * scale).
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataError: ``image`` is not (C, H, W) or ``heat`` is not (H, W) and finite.
+        ConfigError: ``scale`` is not an int >= 1.
+    """
+    from matplotlib import colormaps
+    from PIL import Image
+
+    if not _is_int(scale) or scale < 1:
+        raise ConfigError(f"scale={scale!r} is invalid: must be an int >= 1")
+    if not isinstance(image, torch.Tensor) or image.ndim != 3:
+        raise DataError(f"image must be a (C, H, W) tensor, found {getattr(image, 'shape', image)}")
+    heat = np.asarray(heat, dtype=np.float64)
+    if heat.shape != tuple(image.shape[1:]) or not np.isfinite(heat).all():
+        raise DataError(
+            f"heat must be a finite array of shape {tuple(image.shape[1:])}, found {heat.shape}"
+        )
+    grey = ((image.detach().double().cpu().mean(0).numpy() + 1.0) / 2.0).clip(0.0, 1.0)
+    peak = heat.max()
+    level = heat / peak if peak > 0 else np.zeros_like(heat)
+    colour = colormaps["inferno"](level.clip(0.0, 1.0))[..., :3]
+    blended = 0.5 * grey[..., None] + 0.5 * colour
+    pixels = np.round(blended * 255).astype(np.uint8)
+    pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+    path = Path(path)
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+    return path
