@@ -84,3 +84,36 @@ def test_info_describes_stores_and_scores(run: Path, capsys: pytest.CaptureFixtu
     text = capsys.readouterr().out
     assert '"complete": true' in text
     assert '"n": 22' in text
+
+
+@pytest.mark.parametrize("method", ["nda", "pixel-cos"])
+def test_model_free_methods_need_no_gradients(
+    run: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run / f"attr-{method}"
+    argv = ["attribute", str(run / "ckpt"), "--out", str(out), "--method", method, "--quiet"]
+    if method == "nda":
+        argv += ["--nda-timesteps", "50,150", "--patch-size", "1", "--top-k", "none"]
+    assert main(argv) == 0
+    assert f"{method}: 2 queries x 22 training images" in capsys.readouterr().out
+    scores = Scores.load(out / "scores" / method)
+    assert scores.values.shape == (2, 22)
+    if method == "nda":
+        assert scores.settings["timesteps"] == [50, 150]
+        assert scores.settings["top_k"] is None
+        # top_k None: each query patch's weights sum to one over all training positions.
+        np.testing.assert_allclose(scores.values.sum(axis=1), 64.0, rtol=1e-4)
+
+
+def test_model_free_methods_reject_gradient_options(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["attribute", str(run / "ckpt"), "--out", str(run / "bad"), "--quiet"]
+    _expect_error(
+        capsys, [*base, "--method", "nda", "--damping", "1"], "--damping does not apply to nda"
+    )
+    _expect_error(
+        capsys,
+        [*base, "--method", "pixel-cos", "--patch-size", "3"],
+        "--patch-size does not apply to pixel-cos",
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,16 @@ from diffattr.errors import ConfigError, DataError
 from diffattr.evaluation import ClassConfidence
 from diffattr.features import FeatureConfig, FeatureStore, PlanConfig, ProjectionConfig
 from diffattr.features._store import MANIFEST_FILE
-from diffattr.methods import DAS, SIGN_CONVENTION, DASConfig, Scores, get_method
+from diffattr.methods import (
+    DAS,
+    SIGN_CONVENTION,
+    DASConfig,
+    NDAConfig,
+    Scores,
+    get_method,
+    nda_scores,
+    pixel_cosine_scores,
+)
 from diffattr.methods import attribute as attribute_images
 from diffattr.methods._scores import META_FILE as SCORES_META
 from diffattr.models import (
@@ -44,6 +54,8 @@ from diffattr.models._checkpoint import CHECKPOINT_FILE
 
 #: The demo's training length: enough for clean digits from unet-tiny (see README for timings).
 DEMO_STEPS = 4000
+#: Methods that need no gradients: the checkpoint only names the training data.
+MODEL_FREE_METHODS = ("nda", "pixel-cos")
 #: The demo's attribution: DAS defaults with 10 uniform timesteps and k = 1024.
 DEMO_TIMESTEPS = 10
 DEMO_PROJ_DIM = 1024
@@ -289,6 +301,9 @@ def attribute(args: argparse.Namespace) -> None:
     """``diffattr attribute``: score query images against a checkpoint's training images."""
     device = resolve_device(args.device)
     checkpoints = [load_checkpoint(path) for path in args.checkpoints]
+    if args.method in MODEL_FREE_METHODS:
+        _attribute_model_free(args, checkpoints, device)
+        return
     method_cls = get_method(args.method)
     reject_foreign_options(args, args.method_options, method_cls.config_cls, args.method)
     method = method_cls(dataclass_from_args(method_cls.config_cls, args))
@@ -323,15 +338,66 @@ def attribute(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     seconds = time.perf_counter() - began
-    for query_id in scores.query_ids[: args.show]:
-        proponents, opponents = scores.top_k(int(query_id), args.top_k)
-        print(f"query {query_id}: top {proponents.tolist()}  bottom {opponents.tolist()}")
+    _print_top(args, scores)
     print(
         f"{method.name}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
         f"images, {len(checkpoints)} checkpoint(s), {args.timesteps} timesteps, "
         f"k={args.proj_dim}, in {seconds:.0f} s on {device}\n"
         f"scores: {Path(args.out) / 'scores' / method.name}"
     )
+
+
+def _attribute_model_free(
+    args: argparse.Namespace, checkpoints: list[Any], device: torch.device
+) -> None:
+    """NDA and pixel similarity: the checkpoint gives only the training data and noise schedule."""
+    config_cls = NDAConfig if args.method == "nda" else None
+    if config_cls is None:
+        foreign = [n for n in args.method_options if getattr(args, n, None) is not None]
+        reject_foreign_options(args, foreign, _NoSettings, args.method)
+    else:
+        reject_foreign_options(args, args.method_options, config_cls, args.method)
+    train_data, queries = _attribution_data(checkpoints[0], args.queries)
+    if args.n_queries is not None:
+        queries = queries.select(queries.ids[: args.n_queries])
+    began = time.perf_counter()
+    if args.method == "nda":
+        timesteps = args.nda_timesteps or NDAConfig().timesteps
+        config = dataclass_from_args(
+            NDAConfig,
+            args,
+            dtype=args.precision,
+            max_memory_mb=args.max_memory_mb,
+            timesteps=timesteps,
+        )
+        scores = nda_scores(
+            queries,
+            train_data,
+            config,
+            scheduler_config=checkpoints[0].scheduler_config,
+            device=device,
+            progress=not args.quiet,
+        )
+    else:
+        scores = pixel_cosine_scores(queries, train_data)
+    scores.save(Path(args.out) / "scores" / scores.method)
+    _print_top(args, scores)
+    print(
+        f"{scores.method}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
+        f"images in {time.perf_counter() - began:.0f} s on {device}\n"
+        f"scores: {Path(args.out) / 'scores' / scores.method}"
+    )
+
+
+@dataclass(frozen=True)
+class _NoSettings:
+    """The settings of a method that has none."""
+
+
+def _print_top(args: argparse.Namespace, scores: Scores) -> None:
+    for query_id in scores.query_ids[: args.show]:
+        proponents, opponents = scores.top_k(int(query_id), args.show_top)
+        print(f"query {query_id}: top {proponents.tolist()}  bottom {opponents.tolist()}")
 
 
 def _attribution_data(checkpoint: Any, queries: str) -> tuple[Any, Any]:

@@ -52,9 +52,15 @@ def add_dataclass_options(
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any:
-    """Build ``cls`` from the parsed options, keeping defaults (or ``base``) for untyped ones."""
+    """Build ``cls`` from the parsed options, keeping defaults (or ``base``) for untyped ones.
+
+    Fields given in ``base`` are taken from it, never from an option of the same name (which
+    may belong to another setting, as ``--timesteps`` does).
+    """
     values = dict(base)
     for field in dataclasses.fields(cls):
+        if field.name in base:
+            continue
         value = getattr(args, field.name, None)
         if value is not None:
             values[field.name] = None if value is _NONE else value

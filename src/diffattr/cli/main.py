@@ -13,9 +13,10 @@ from typing import Any
 
 from diffattr._version import __version__
 from diffattr.cli import _commands
+from diffattr.cli._commands import MODEL_FREE_METHODS
 from diffattr.cli._options import add_dataclass_options
 from diffattr.errors import DiffattrError
-from diffattr.methods import METHODS, DASConfig, TracInConfig
+from diffattr.methods import METHODS, DASConfig, NDAConfig, TracInConfig
 from diffattr.models import DEFAULT_STEPS, TrainConfig, available_models
 
 
@@ -105,7 +106,9 @@ def _add_attribute_parser(commands: Any) -> None:
     )
     attribute.add_argument("checkpoints", nargs="+", help="checkpoint dir(s); several: ensemble")
     attribute.add_argument("--out", required=True, help="run directory (features are resumed)")
-    attribute.add_argument("--method", choices=sorted(METHODS), default="das")
+    attribute.add_argument(
+        "--method", choices=sorted([*METHODS, *MODEL_FREE_METHODS]), default="das"
+    )
     attribute.add_argument(
         "--queries",
         default="held-out",
@@ -141,12 +144,20 @@ def _add_attribute_parser(commands: Any) -> None:
     attribute.add_argument("--precision", choices=["float32", "float64"], default="float32")
     attribute.add_argument("--batch-size", type=int, default=32)
     attribute.add_argument("--chunk-size", type=int, default=256)
-    attribute.add_argument("--top-k", type=int, default=5, help="proponents shown per query")
+    attribute.add_argument(
+        "--show-top", type=int, default=5, help="proponents shown per query (default: 5)"
+    )
     attribute.add_argument("--show", type=int, default=5, help="queries shown (default: 5)")
     _add_common_options(attribute)
+    nda = attribute.add_argument_group("nda")
+    nda.add_argument(
+        "--nda-timesteps",
+        type=_int_list,
+        help="NDA's timesteps, comma-separated (default: 100,200,300,400,500)",
+    )
     names: list[str] = []
-    for config_cls in (DASConfig, TracInConfig):
-        names += add_dataclass_options(attribute, config_cls)
+    for config_cls in (DASConfig, TracInConfig, NDAConfig):
+        names += add_dataclass_options(attribute, config_cls, skip=("dtype",))
     attribute.set_defaults(run=_commands.attribute, method_options=names)
 
 
@@ -167,6 +178,15 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--query-fraction", type=float, default=0.1, help="held-out query fraction (default: 0.1)"
     )
     group.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: 0)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _value_range(text: str) -> tuple[float, float]:

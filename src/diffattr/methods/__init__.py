@@ -13,6 +13,7 @@ from diffattr.methods._kernel import (
     TRAKConfig,
     fit_kernel,
 )
+from diffattr.methods._nda import NDAConfig, nda_heatmaps, nda_scores, save_heatmap
 from diffattr.methods._scores import SIGN_CONVENTION, Scores
 from diffattr.methods._similarity import embedding_cosine_scores, pixel_cosine_scores
 from diffattr.methods._tracin import (
@@ -53,6 +54,7 @@ __all__ = [
     "GradDot",
     "GradSimConfig",
     "KernelConfig",
+    "NDAConfig",
     "ReTrac",
     "Scores",
     "TRAKConfig",
@@ -62,5 +64,8 @@ __all__ = [
     "embedding_cosine_scores",
     "fit_kernel",
     "get_method",
+    "nda_heatmaps",
+    "nda_scores",
     "pixel_cosine_scores",
+    "save_heatmap",
 ]

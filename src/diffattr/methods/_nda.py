@@ -32,31 +32,44 @@ and ``m`` the mask value. For every timestep ``t`` and noise draw ``d``:
   the timesteps and noise draws. Scores are non-negative; a larger score means the training image
   explains more of the query (the project's sign convention: positive helps).
 
-**Computation.** Exact, in one pass over the training set, never forming a patch matrix:
+**Computation.** Exact, in one pass over the training set, never forming a patch-distance
+matrix:
 
 - ``||a - b||^2 = ||a||^2 + ||b||^2 - 2 <a, b>``. ``||a_p||^2`` is the same for every ``(n, q)``
   of a query patch, so it cancels in the softmax and is never computed; the logits used are
   ``(<a_p, b_{n,q}> - ||b_{n,q}||^2 / 2) / (1 - abar_t)``, which differ from ``l`` by a constant
   per ``p``.
-- The cross terms ``<a_p, b_{n,q}>`` for all ``p`` and ``q`` are one ``conv2d`` of the padded keys
-  with the query's patches as kernels (weight ``(H W, C, k, k)``; several queries and draws are
-  stacked along the output channels).
+- The cross terms ``<a_p, b_{n,q}>`` for all ``p`` and ``q`` are one convolution of the padded
+  keys with the query's patches as kernels (weight ``(H W, C, k, k)``; several queries and draws
+  are stacked along the output channels): ``conv2d`` on CUDA (TF32 off), and on the CPU the same
+  convolution as one explicit im2col GEMM fused with the norm term, which is faster there.
 - The key norms ``||b_{n,q}||^2`` are a box filter (``conv2d`` of the squared keys with ones) over
   the whole training set, computed once per timestep and reused by every query and draw.
 - The coarse scale runs on 2x2-pooled images: the projection of the ``2k x 2k`` patch at pixel
   ``(i, j)`` is the ``k x k`` window at ``(i // 2, j // 2)`` of the image pooled (sum / 2) in
   phase ``(i mod 2, j mod 2)``, so four pooled images (one per phase) give every stride-1 position
   exactly, with ``k x k`` kernels: the cost of the fine scale, not four times it.
-- The training set is processed in chunks sized from ``max_memory_mb``. Per query patch the pass
-  keeps the running log-sum-exp of all logits seen so far and, per image ``n``, the log-sum-exp of
-  its top-k logits; the top-k sum of weights is ``exp(that - global log-sum-exp)``, so
-  subtracting the final normaliser at the end makes the chunked softmax exact.
+- The training set is processed in chunks sized from ``max_memory_mb`` (and, on the CPU, kept
+  near cache size). Per query patch the pass keeps the running log-sum-exp of all logits seen so
+  far and, per image ``n``, the log-sum-exp of its top-K logits; the top-K sum of weights is
+  ``exp(that - global log-sum-exp)``, so subtracting the final normaliser at the end makes the
+  chunked softmax exact.
+- Inside each log-sum-exp, terms below ``exp(-83)`` (float32; ``exp(-704)`` in float64) times
+  the largest are raised to that floor, which keeps ``exp`` off its slow subnormal path; the
+  relative change of a sum is below ``Q exp(-83) < 1e-32``, far under rounding.
+
+Memory: besides the per-chunk tensors (bounded by ``max_memory_mb``), each timestep holds the
+scaled, padded and pooled training images and their norms (3-6 times the training set), and each
+query row being scored the ``(H W, N)`` table of top-K log-sums per scale, which the one-pass
+algorithm keeps until the normaliser is final.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -185,7 +198,12 @@ class NDAConfig:
 
 # --------------------------------------------------------------------------------------------
 # Patch geometry: a scale is a list of "planes" (images on which a valid k x k conv gives some
-# of the H*W positions) plus the raster index of each position, in the planes' order.
+# of the H*W positions). The fine scale has one plane, in raster order; the coarse scale has
+# one per pooling phase, so its positions come phase by phase (the scores do not depend on the
+# order; the heatmaps, fine-scale only, use raster order).
+
+#: Pooling phases (row offset, column offset) of the coarse scale.
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def _fine_planes(images: torch.Tensor, k: int, m: float) -> list[torch.Tensor]:
@@ -215,31 +233,33 @@ def _coarse_planes(images: torch.Tensor, k: int, m: float) -> list[torch.Tensor]
     return planes
 
 
-_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
-
-
-def _order(scale: str, height: int, width: int) -> torch.Tensor:
-    """Raster index (i * W + j) of each position, in the order the scale's planes list them."""
-    if scale == "fine":
-        return torch.arange(height * width)
-    parts = []
-    for ph, pw in _PHASES:
-        rows = torch.arange(ph, height, 2)
-        cols = torch.arange(pw, width, 2)
-        if len(rows) and len(cols):
-            parts.append((rows[:, None] * width + cols[None, :]).flatten())
-    return torch.cat(parts)
-
-
 def _planes(scale: str, images: torch.Tensor, k: int, m: float) -> list[torch.Tensor]:
     return _fine_planes(images, k, m) if scale == "fine" else _coarse_planes(images, k, m)
 
 
 def _patches(planes: list[torch.Tensor], k: int) -> torch.Tensor:
     """(R, C, h, w) planes -> (R * P, C, k, k) patches, query-major, positions in plane order."""
-    rows, channels = planes[0].shape[:2]
+    channels = planes[0].shape[1]
     unfolded = torch.cat([F.unfold(plane, k) for plane in planes], dim=2)  # (R, C k k, P)
     return unfolded.transpose(1, 2).reshape(-1, channels, k, k)
+
+
+@contextmanager
+def _ieee_convolutions(device: torch.device) -> Iterator[None]:
+    """Run cuDNN float32 convolutions in full precision (no TF32) on CUDA.
+
+    TF32 keeps 10 mantissa bits: with patch norms in the hundreds (the mask value m enters
+    squared) and temperatures near 0.1 it would move logits by whole units.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,18 +275,74 @@ def _keys(scale: str, scaled: torch.Tensor, k: int, m: float) -> _Keys:
     ones = torch.ones((1, scaled.shape[1], k, k), dtype=scaled.dtype, device=scaled.device)
     # Box filter of the squared keys: ||b_{n,q}||^2 at every position in one conv per plane,
     # once per timestep for the whole training set.
-    norms = torch.cat([F.conv2d(plane * plane, ones).flatten(1) for plane in planes], dim=1)
+    with _ieee_convolutions(scaled.device):
+        norms = [F.conv2d(plane * plane, ones).flatten(1) for plane in planes]
+    norms = torch.cat(norms, dim=1)
     return _Keys(planes=planes, half_norms=norms * 0.5)
+
+
+def _columns(plane: torch.Tensor, k: int) -> torch.Tensor:
+    """(Nc, C, h, w) -> (C k k, Nc, (h - k + 1) (w - k + 1)): every k x k window, im2col.
+
+    A strided view and one copy: 5-10 times faster than ``F.unfold`` on the CPU.
+    """
+    windows = plane.unfold(2, k, 1).unfold(3, k, 1)  # (Nc, C, h', w', k, k), a view
+    depth = plane.shape[1] * k * k
+    return windows.permute(1, 4, 5, 0, 2, 3).reshape(depth, plane.shape[0], -1)
+
+
+#: Device types whose cross terms run as an explicit im2col GEMM rather than conv2d.
+_GEMM_DEVICE_TYPES = ("cpu",)
 
 
 def _logits(
     weight: torch.Tensor, keys: _Keys, start: int, stop: int, inv_var: float
 ) -> torch.Tensor:
-    """(Nc, R * P, Q) logits (<a_p, b_{n,q}> - ||b_{n,q}||^2 / 2) / (1 - abar) of a key chunk."""
-    # Cross terms: the chunk's padded keys convolved with every query patch as a kernel.
-    parts = [F.conv2d(plane[start:stop], weight).flatten(2) for plane in keys.planes]
-    cross = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    return cross.sub_(keys.half_norms[start:stop, None, :]).mul_(inv_var)
+    """(R * P, Nc, Q) logits (<a_p, b_{n,q}> - ||b_{n,q}||^2 / 2) / (1 - abar) of a key chunk.
+
+    The cross terms <a_p, b_{n,q}> are the chunk's key planes convolved with the query patches
+    as kernels. On CUDA that is ``conv2d`` (weight ``(R * P, C, k, k)``). On the CPU the same
+    convolution runs as one explicit im2col GEMM, (R * P, C k k) times (C k k, Nc Q), fused with
+    the norm term (``addmm``): oneDNN's conv2d is 1.5-8 times slower at these shapes (1-3 input
+    channels, hundreds of output channels; measured on the digits), and the coarse scale's
+    four phases then share one GEMM instead of concatenating four conv outputs.
+    """
+    rows, k = weight.shape[0], weight.shape[-1]
+    planes = [plane[start:stop] for plane in keys.planes]
+    half_norms = keys.half_norms[start:stop]
+    if weight.device.type in _GEMM_DEVICE_TYPES:
+        columns = torch.cat([_columns(plane, k) for plane in planes], dim=2)  # (C k k, Nc, Q)
+        depth, chunk, positions = columns.shape
+        logits = torch.addmm(
+            half_norms.reshape(1, -1),
+            weight.reshape(rows, depth),
+            columns.view(depth, chunk * positions),
+            beta=-inv_var,
+            alpha=inv_var,
+        )
+        return logits.view(rows, chunk, positions)
+    with _ieee_convolutions(weight.device):
+        parts = [F.conv2d(plane, weight).flatten(2) for plane in planes]
+    cross = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (Nc, R * P, Q)
+    return cross.transpose(0, 1).sub_(half_norms[None]).mul_(inv_var)
+
+
+def _logsumexp_(values: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over the last dimension, computed in place (``values`` is overwritten).
+
+    The shifted values are floored at :func:`_exp_floor` before ``exp``: below it ``exp``
+    takes its subnormal path, about 25 times slower on CPUs, and every floored term adds less
+    than ``exp(floor) < 1e-35`` to a sum that the maximum term alone makes >= 1, so the result
+    is unchanged to rounding (the relative change is at most ``Q exp(floor)``).
+    """
+    peak = values.amax(dim=-1, keepdim=True)
+    values.sub_(peak).clamp_(min=_exp_floor(values.dtype)).exp_()
+    return values.sum(dim=-1).log_().add_(peak.squeeze(-1))
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    """-83.3 in float32, -704.4 in float64: exp of it is still a normal number."""
+    return math.log(torch.finfo(dtype).tiny) + 4.0
 
 
 def _scale_pass(
@@ -286,14 +362,15 @@ def _scale_pass(
     partial_top = top_k is not None and top_k < positions
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        logits = _logits(weight, keys, start, stop, inv_var)
-        per_image = torch.logsumexp(logits, dim=2)  # (Nc, R * P)
-        # Running global normaliser over every (n, q) seen so far.
-        lse = torch.logaddexp(lse, torch.logsumexp(per_image, dim=0))
+        logits = _logits(weight, keys, start, stop, inv_var)  # (R * P, Nc, Q)
         if partial_top:
-            # The top-K weights are the top-K logits; their log-sum does not need the normaliser.
-            per_image = torch.logsumexp(logits.topk(top_k, dim=2, sorted=False).values, dim=2)
-        top[:, start:stop] = per_image.T
+            # The top-K weights are those of the top-K logits, and the log of their sum needs no
+            # normaliser: it is subtracted at the end, once the global one is known.
+            best = _logsumexp_(logits.topk(top_k, dim=2, sorted=False).values)
+        per_image = _logsumexp_(logits)  # (R * P, Nc); overwrites the logits
+        # Running global normaliser over every (n, q) seen so far.
+        lse = torch.logaddexp(lse, torch.logsumexp(per_image, dim=1))
+        top[:, start:stop] = best if partial_top else per_image
         del logits
     return lse, top
 
@@ -335,35 +412,44 @@ def _noised(
     """x_t of each (image, draw) row; the noise depends on (seed, t, draw, sample id) only."""
     noise = torch.stack(
         [
-            torch.randn(
-                images.shape[1:], generator=generator(seed, "nda-noise", int(t), d, int(i))
-            )
+            torch.randn(images.shape[1:], generator=generator(seed, "nda-noise", int(t), d, int(i)))
             for i, d in zip(ids, draws, strict=True)
         ]
     ).to(device=images.device, dtype=images.dtype)
     return math.sqrt(abar) * images + math.sqrt(1.0 - abar) * noise
 
 
+#: On the CPU the per-chunk tensors are kept near cache size whatever the budget: chunks of a
+#: few MB run 2-3 times faster than one huge chunk (fewer page faults, cache-resident exp and
+#: top-k; measured on the digits). Other devices use the whole budget.
+_CPU_BLOCK_MB = 16
+
+
 def _plan(
-    config: NDAConfig, rows_total: int, n_train: int, shape: tuple[int, ...], scales: int
+    config: NDAConfig,
+    rows_total: int,
+    n_train: int,
+    shape: tuple[int, ...],
+    scales: int,
+    device: torch.device,
 ) -> tuple[int, int]:
-    """(rows per batch, training images per chunk) within ``max_memory_mb``."""
-    channels, height, width = shape
-    positions = height * width
+    """(query rows per batch, training images per chunk) within ``max_memory_mb``."""
+    positions = shape[-2] * shape[-1]
     itemsize = 4 if config.dtype == "float32" else 8
     k = positions if config.top_k is None else min(config.top_k, positions)
-    # Per (query row, training image): the conv output / logits, a concatenation copy and the
-    # exp temporaries of logsumexp (3 tensors of P x Q), plus top-k values and int64 indices.
-    pair = positions * positions * 3 * itemsize
+    # Per (query row, training image) in a chunk: the P x Q conv output (the logits, computed in
+    # place) and the coarse scale's concatenation copy, plus top-k values and int64 indices.
+    pair = positions * positions * 2 * itemsize
     if k < positions:
         pair += positions * k * (itemsize + 8)
-    # Per query row: the (P, N) top-K table of each scale.
+    # Per query row for the whole pass: the (P, N) top-K table of each scale.
     row_fixed = scales * positions * n_train * itemsize
     budget = config.max_memory_mb << 20
-    per_row = row_fixed + n_train * pair
-    if per_row <= budget:
-        return max(1, min(rows_total, budget // per_row)), n_train
-    return 1, max(1, min(n_train, (budget - row_fixed) // pair))
+    block = min(budget, _CPU_BLOCK_MB << 20) if device.type == "cpu" else budget
+    # Batch as many query rows as fit (wider convolutions), then fill the block with images.
+    batch = max(1, min(rows_total, block // pair, (budget // 2) // max(1, row_fixed)))
+    chunk = max(1, min(n_train, block // (batch * pair)))
+    return batch, chunk
 
 
 def _scales(alpha: float) -> list[tuple[str, float]]:
@@ -398,7 +484,7 @@ def _nda_tau(
     row_draw = np.tile(np.arange(draws), len(queries)).tolist()
     rows_total = len(row_query)
     planned_batch, planned_chunk = _plan(
-        config, rows_total, len(train), tuple(train.images.shape[1:]), len(scales)
+        config, rows_total, len(train), tuple(train.images.shape[1:]), len(scales), device
     )
     batch = batch or planned_batch
     chunk = chunk or planned_chunk
@@ -427,8 +513,11 @@ def _nda_tau(
             for scale, weight in scales:
                 patches = _patches(_planes(scale, x_t, k, m), k)
                 lse, top = _scale_pass(patches, keys[scale], inv_var, config.top_k, chunk)
-                share = torch.exp(top - lse[:, None]).reshape(len(sel), positions, -1).sum(1)
-                tau.index_add_(0, torch.from_numpy(sel), share.double().cpu(), alpha=weight)
+                # In float64: the weights of distant images, far below float32's normal range,
+                # stay accurate (and off the slow subnormal path of exp).
+                share = torch.exp(top.double() - lse.double()[:, None])
+                share = share.reshape(len(sel), positions, -1).sum(1)
+                tau.index_add_(0, torch.from_numpy(sel), share.cpu(), alpha=weight)
             bar.update(1)
     bar.close()
     tau /= len(abars) * draws
@@ -545,10 +634,9 @@ def nda_heatmaps(
     height, width = train.image_size
     positions = height * width
     draws = list(range(config.noise_draws))
-    _, chunk = _plan(config, len(draws), len(train), tuple(train.images.shape[1:]), 1)
+    _, chunk = _plan(config, len(draws), len(train), tuple(train.images.shape[1:]), 1, device)
     train_images = train.images.to(device=device, dtype=dtype)
     query = queries.images[query_pos : query_pos + 1].to(device=device, dtype=dtype)
-    order = _order("fine", height, width).to(device)
     query_map = torch.zeros(positions, dtype=torch.float64)
     train_map = torch.zeros(positions, dtype=torch.float64)
     for t, abar in zip(config.timesteps, abars, strict=True):
@@ -564,12 +652,15 @@ def nda_heatmaps(
         )
         patches = _patches(_planes("fine", x_t, k, m), k)
         lse, top = _scale_pass(patches, keys, inv_var, config.top_k, chunk)
-        # (R * P,) top-K mass of the target at each query patch, rows draw-major.
-        mass = torch.exp(top[:, target] - lse).reshape(len(draws), positions).sum(0)
-        weights = torch.exp(_logits(patches, keys, target, target + 1, inv_var)[0] - lse[:, None])
+        # Fine-scale positions are in raster order, rows draw-major. The top-K weight mass of
+        # the target at each query patch, and each of its positions' weight summed over patches.
+        mass = torch.exp(top[:, target].double() - lse.double())
+        mass = mass.reshape(len(draws), positions).sum(0)
+        logits = _logits(patches, keys, target, target + 1, inv_var)[:, 0].double()
+        weights = torch.exp(logits - lse.double()[:, None])
         spread = weights.reshape(len(draws), positions, positions).sum((0, 1))
-        query_map[order.cpu()] += mass.double().cpu()
-        train_map[order.cpu()] += spread.double().cpu()
+        query_map += mass.double().cpu()
+        train_map += spread.double().cpu()
     scale = len(abars) * len(draws)
     return (
         (query_map / scale).reshape(height, width).numpy(),
