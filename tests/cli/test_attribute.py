@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffattr.cli import main
 from diffattr.methods import Scores
@@ -94,6 +95,7 @@ def test_model_free_methods_need_no_gradients(
     argv = ["attribute", str(run / "ckpt"), "--out", str(out), "--method", method, "--quiet"]
     if method == "nda":
         argv += ["--nda-timesteps", "50,150", "--patch-size", "1", "--top-k", "none"]
+        argv += ["--heatmaps", "1"]
     assert main(argv) == 0
     assert f"{method}: 2 queries x 22 training images" in capsys.readouterr().out
     scores = Scores.load(out / "scores" / method)
@@ -103,6 +105,11 @@ def test_model_free_methods_need_no_gradients(
         assert scores.settings["top_k"] is None
         # top_k None: each query patch's weights sum to one over all training positions.
         np.testing.assert_allclose(scores.values.sum(axis=1), 64.0, rtol=1e-4)
+        query_id = int(scores.query_ids[0])
+        best = int(scores.top_k(query_id, 1)[0][0])
+        for side in ("query", "train"):
+            png = out / "heatmaps" / f"query-{query_id}-train-{best}-{side}.png"
+            assert Image.open(png).size == (64, 64)
 
 
 def test_model_free_methods_reject_gradient_options(

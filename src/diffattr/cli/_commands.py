@@ -34,8 +34,10 @@ from diffattr.methods import (
     NDAConfig,
     Scores,
     get_method,
+    nda_heatmaps,
     nda_scores,
     pixel_cosine_scores,
+    save_heatmap,
 )
 from diffattr.methods import attribute as attribute_images
 from diffattr.methods._scores import META_FILE as SCORES_META
@@ -378,8 +380,12 @@ def _attribute_model_free(
             device=device,
             progress=not args.quiet,
         )
+        heatmaps = _save_heatmaps(args, queries, train_data, scores, config, checkpoints[0], device)
     else:
+        if args.heatmaps:
+            raise ConfigError("--heatmaps applies to --method nda only")
         scores = pixel_cosine_scores(queries, train_data)
+        heatmaps = []
     scores.save(Path(args.out) / "scores" / scores.method)
     _print_top(args, scores)
     print(
@@ -387,6 +393,43 @@ def _attribute_model_free(
         f"images in {time.perf_counter() - began:.0f} s on {device}\n"
         f"scores: {Path(args.out) / 'scores' / scores.method}"
     )
+    if heatmaps:
+        print(f"heatmaps: {len(heatmaps)} files in {heatmaps[0].parent}")
+
+
+def _save_heatmaps(
+    args: argparse.Namespace,
+    queries: ImageDataset,
+    train: ImageDataset,
+    scores: Scores,
+    config: NDAConfig,
+    checkpoint: Any,
+    device: torch.device,
+) -> list[Path]:
+    """For the first ``--heatmaps`` queries and their top training image: both NDA maps."""
+    folder = Path(args.out) / "heatmaps"
+    paths = []
+    for query_id in scores.query_ids[: args.heatmaps]:
+        best = int(scores.top_k(int(query_id), 1)[0][0])
+        query_map, train_map = nda_heatmaps(
+            queries,
+            train,
+            int(query_id),
+            best,
+            config,
+            scheduler_config=checkpoint.scheduler_config,
+            device=device,
+        )
+        stem = f"query-{int(query_id)}-train-{best}"
+        paths.append(
+            save_heatmap(
+                queries.select([int(query_id)]).images[0], query_map, folder / f"{stem}-query.png"
+            )
+        )
+        paths.append(
+            save_heatmap(train.select([best]).images[0], train_map, folder / f"{stem}-train.png")
+        )
+    return paths
 
 
 @dataclass(frozen=True)

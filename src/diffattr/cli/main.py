@@ -151,6 +151,12 @@ def _add_attribute_parser(commands: Any) -> None:
     _add_common_options(attribute)
     nda = attribute.add_argument_group("nda")
     nda.add_argument(
+        "--heatmaps",
+        type=int,
+        default=0,
+        help="save NDA heatmaps (query and top training image) for the first N queries",
+    )
+    nda.add_argument(
         "--nda-timesteps",
         type=_int_list,
         help="NDA's timesteps, comma-separated (default: 100,200,300,400,500)",
