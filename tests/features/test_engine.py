@@ -24,24 +24,14 @@ from diffattr.features import (
     featurize,
     make_projector,
 )
-from diffattr.models import build_model, default_scheduler_config, model_spec
+from diffattr.models import default_scheduler_config
+from tests.methods.helpers import make_model
 
 N_IMAGES = 10
-SPEC = model_spec("mlp-tiny", in_channels=1, sample_size=8, overrides={"width": 16, "depth": 1})
 PLAN = PlanConfig(strategy="uniform", num_steps=2, seed=5)
 PROJECTION = ProjectionConfig(kind="dense", dim=16, seed=3)
 CONFIG = FeatureConfig(plan=PLAN, projection=PROJECTION, dtype="float64")
 ARRAYS = ("features", "losses", "grad_norms", "residuals")
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    """The tiny residual MLP with a random (not zero) output layer, so every gradient is nonzero."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(SPEC)
-        nn.init.normal_(model.output.weight, std=0.1)
-        nn.init.normal_(model.output.bias, std=0.1)
-    return model.eval()
 
 
 def make_dataset(n: int = N_IMAGES, seed: int = 0, size: int = 8) -> ImageDataset:
