@@ -1,6 +1,6 @@
 """The demo end to end: trains unet-tiny on the digits, checks the samples look like digits.
 
-Slow (about 8 minutes on 2 CPU cores): run with ``make test-all`` or ``pytest -m slow``.
+Slow (about 10 minutes on 2 CPU cores): run with ``make test-all`` or ``pytest -m slow``.
 """
 
 from __future__ import annotations
