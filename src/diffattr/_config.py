@@ -1,6 +1,8 @@
 from dataclasses import fields
 from typing import Any
 
+import numpy as np
+
 from diffattr.errors import ConfigError
 
 
@@ -17,3 +19,8 @@ def known_fields(cls: type, data: object) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{cls.__name__} has no fields {unknown}; known: {sorted(names)}")
     return dict(data)
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer setting: Python or numpy ints, but not bools."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

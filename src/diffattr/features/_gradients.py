@@ -13,9 +13,9 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from diffattr._config import is_int
 from diffattr.errors import ConfigError, DataError
 from diffattr.features._outputs import OutputConfig, OutputFunction
-from diffattr.features._plan import _is_int
 from diffattr.models import predict
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -143,7 +143,7 @@ class GradientComputer:
         self.parameter_names = select_parameters(self._model, parameters)
         use_batchable_attention(self._model)
         channels = _model_setting(self._model, "in_channels")
-        self._in_channels = int(channels) if _is_int(channels) else None
+        self._in_channels = int(channels) if is_int(channels) else None
         self._sample_size = _expected_size(self._model)
 
         scheduler = DDPMScheduler.from_config(scheduler_config)
@@ -304,8 +304,8 @@ def _model_setting(model: nn.Module, key: str) -> object:
 
 def _expected_size(model: nn.Module) -> tuple[int, int] | None:
     size = _model_setting(model, "sample_size")
-    if _is_int(size):
+    if is_int(size):
         return (int(size), int(size))
-    if isinstance(size, Sequence) and len(size) == 2 and all(_is_int(s) for s in size):
+    if isinstance(size, Sequence) and len(size) == 2 and all(is_int(s) for s in size):
         return (int(size[0]), int(size[1]))
     return None

@@ -7,10 +7,9 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from diffattr._config import known_fields
+from diffattr._config import is_int, known_fields
 from diffattr._seed import generator
 from diffattr.errors import ConfigError
-from diffattr.features._plan import _is_int
 
 OutputKind = Literal["loss", "square_norm", "mean", "l1", "l2", "linf", "output_projection"]
 
@@ -40,11 +39,11 @@ class OutputConfig:
                 f"OutputConfig.kind={self.kind!r} is invalid: must be one of "
                 f"{list(get_args(OutputKind))}"
             )
-        if not _is_int(self.num_directions) or self.num_directions < 1:
+        if not is_int(self.num_directions) or self.num_directions < 1:
             raise ConfigError(
                 f"OutputConfig.num_directions={self.num_directions!r} is invalid: must be >= 1"
             )
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ConfigError(f"OutputConfig.seed={self.seed!r} is invalid: must be an integer")
 
     @property

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from diffattr._config import known_fields
+from diffattr._config import is_int, known_fields
 from diffattr._seed import derive_seed, generator
 from diffattr.errors import ConfigError
 
@@ -50,7 +50,7 @@ class PlanConfig:
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, get_args(Strategy))
         _check_choice("noise", self.noise, get_args(NoiseMode))
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ConfigError(f"PlanConfig.seed={self.seed!r} is invalid: must be an integer")
         if self.strategy == "explicit":
             self._normalise_timesteps()
@@ -59,7 +59,7 @@ class PlanConfig:
                 f"PlanConfig.timesteps={self.timesteps!r} is invalid with strategy="
                 f"{self.strategy!r}: timesteps are only used with strategy='explicit'"
             )
-        if not _is_int(self.num_steps) or self.num_steps < 1:
+        if not is_int(self.num_steps) or self.num_steps < 1:
             raise ConfigError(f"PlanConfig.num_steps={self.num_steps!r} is invalid: must be >= 1")
 
     def _normalise_timesteps(self) -> None:
@@ -69,7 +69,7 @@ class PlanConfig:
                 f"PlanConfig.timesteps={steps!r} is invalid: strategy='explicit' needs a "
                 "non-empty list of distinct integer timesteps"
             )
-        if not steps or not all(_is_int(t) and t >= 0 for t in steps):
+        if not steps or not all(is_int(t) and t >= 0 for t in steps):
             raise ConfigError(
                 f"PlanConfig.timesteps={steps!r} is invalid: must be a non-empty list of "
                 "integers >= 0"
@@ -136,7 +136,7 @@ class Plan:
             ConfigError: T < 1, K > T, or an explicit timestep outside [0, T).
         """
         big_t = num_train_timesteps
-        if not _is_int(big_t) or big_t < 1:
+        if not is_int(big_t) or big_t < 1:
             raise ConfigError(f"num_train_timesteps={big_t!r} is invalid: must be >= 1")
         k = config.num_steps
         if config.strategy != "explicit" and k > big_t:
@@ -227,10 +227,6 @@ class Plan:
                     f"({list(getattr(plan, key))!r}); the plan was written by another version"
                 )
         return plan
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -80,7 +80,7 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from diffattr._config import known_fields
+from diffattr._config import is_int, known_fields
 from diffattr._device import resolve_device
 from diffattr._io import atomic_write
 from diffattr._seed import generator
@@ -92,10 +92,6 @@ from diffattr.models import default_scheduler_config
 __all__ = ["NDAConfig", "nda_heatmaps", "nda_scores", "save_heatmap"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _is_real(value: object) -> bool:
@@ -143,20 +139,20 @@ class NDAConfig:
         timesteps_ok = (
             isinstance(timesteps, list | tuple)
             and len(timesteps) > 0
-            and all(_is_int(t) and t >= 0 for t in timesteps)
+            and all(is_int(t) and t >= 0 for t in timesteps)
             and len(set(timesteps)) == len(timesteps)
         )
         checks = {
-            "patch_size": _is_int(self.patch_size)
+            "patch_size": is_int(self.patch_size)
             and self.patch_size >= 1
             and self.patch_size % 2 == 1,
-            "top_k": self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            "top_k": self.top_k is None or (is_int(self.top_k) and self.top_k >= 1),
             "alpha": _is_real(self.alpha) and 0 <= self.alpha <= 1,
             "mask_value": _is_real(self.mask_value),
             "timesteps": timesteps_ok,
-            "noise_draws": _is_int(self.noise_draws) and self.noise_draws >= 1,
-            "seed": _is_int(self.seed),
-            "max_memory_mb": _is_int(self.max_memory_mb) and self.max_memory_mb >= 1,
+            "noise_draws": is_int(self.noise_draws) and self.noise_draws >= 1,
+            "seed": is_int(self.seed),
+            "max_memory_mb": is_int(self.max_memory_mb) and self.max_memory_mb >= 1,
             "dtype": self.dtype in _DTYPES,
         }
         allowed = {
@@ -693,7 +689,7 @@ def save_heatmap(
     from matplotlib import colormaps
     from PIL import Image
 
-    if not _is_int(scale) or scale < 1:
+    if not is_int(scale) or scale < 1:
         raise ConfigError(f"scale={scale!r} is invalid: must be an int >= 1")
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
         raise DataError(f"image must be a (C, H, W) tensor, found {getattr(image, 'shape', image)}")
