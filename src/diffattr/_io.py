@@ -63,3 +63,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def format_problem(doc: dict[str, Any], path: Path, fmt: str, version: int) -> str | None:
+    """Say why a JSON description is not of format ``fmt`` at ``version``; None if it is."""
+    if doc.get("format") != fmt:
+        return f"{path}: format is {doc.get('format')!r}, expected {fmt!r}"
+    if doc.get("format_version") != version:
+        return (
+            f"{path}: format_version {doc.get('format_version')!r} is not supported "
+            f"(this diffattr reads version {version})"
+        )
+    return None

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from diffattr._io import atomic_write, read_json, sha256_file, write_json
+from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json
 from diffattr._version import __version__
 from diffattr.errors import (
     ConfigError,
@@ -645,13 +645,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = read_json(doc)
     except ValueError as err:
         raise StoreCorruptError(f"{err}; delete {path} and rerun the featurisation") from err
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{doc}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{doc}: format_version {manifest.get('format_version')!r} is not supported "
-            f"(this diffattr reads version {FORMAT_VERSION})"
-        )
+    problem = format_problem(manifest, doc, FORMAT, FORMAT_VERSION)
+    if problem:
+        raise StoreError(problem)
     return manifest
 
 

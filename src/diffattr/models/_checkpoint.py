@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffattr._io import atomic_write, read_json, sha256_file, write_json
+from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json
 from diffattr._version import __version__
 from diffattr.errors import CheckpointError
 from diffattr.models._registry import ModelSpec, build_model
@@ -190,13 +190,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         doc = read_json(doc_path)
     except ValueError as err:
         raise CheckpointError(str(err)) from err
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{doc_path}: format is {doc.get('format')!r}, expected {FORMAT!r}")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{doc_path}: format_version {doc.get('format_version')!r} is not supported "
-            f"(this diffattr reads version {FORMAT_VERSION})"
-        )
+    problem = format_problem(doc, doc_path, FORMAT, FORMAT_VERSION)
+    if problem:
+        raise CheckpointError(problem)
     try:
         files = {role: str(entry["file"]) for role, entry in doc["files"].items()}
         hashes = {role: str(entry["sha256"]) for role, entry in doc["files"].items()}
