@@ -65,3 +65,7 @@ class StoreIncompleteError(StoreError):
 
 class StoreCorruptError(StoreError):
     """A store's files are truncated, altered or unreadable."""
+
+
+class BenchmarkError(DiffattrError, OSError):
+    """An LDS benchmark is missing pieces, of another format, or does not match its inputs."""

@@ -18,7 +18,6 @@ from diffattr.cli._options import dataclass_from_args, reject_foreign_options
 from diffattr.data import (
     ImageDataset,
     load_dataset,
-    load_from_source,
     load_npz,
     save_grid,
     split_dataset,
@@ -445,14 +444,7 @@ def _print_top(args: argparse.Namespace, scores: Scores) -> None:
 
 def _attribution_data(checkpoint: Any, queries: str) -> tuple[Any, Any]:
     """The checkpoint's training images, and the queries: its held-out split or a path."""
-    source = (checkpoint.metadata.get("dataset") or {}).get("source")
-    if not source or source.get("kind") == "memory":
-        raise DataError(f"{checkpoint.path} does not record a reloadable training dataset")
-    train = load_from_source(source)
+    train = checkpoint.training_data()
     if queries != "held-out":
         return train, load_dataset(queries)
-    split = checkpoint.metadata.get("split")
-    if not split:
-        raise DataError(f"{checkpoint.path} records no held-out split: pass --queries PATH")
-    whole = load_from_source({k: v for k, v in source.items() if k != "ids"})
-    return train, whole.select(split["query_ids"])
+    return train, checkpoint.heldout_data()

@@ -1,5 +1,29 @@
-"""Evaluation: sample quality now; LDS and counterfactual retraining build on it."""
+"""Evaluation: sample quality, the linear datamodeling score (LDS) and counterfactual retraining."""
 
+from diffattr.evaluation._lds import (
+    LDSBenchmark,
+    LDSConfig,
+    LDSResult,
+    draw_masks,
+    lds_from_arrays,
+    lds_score,
+    noise_ceiling,
+    query_losses,
+    spearman_columns,
+    truth_plans,
+)
 from diffattr.evaluation._quality import ClassConfidence
 
-__all__ = ["ClassConfidence"]
+__all__ = [
+    "ClassConfidence",
+    "LDSBenchmark",
+    "LDSConfig",
+    "LDSResult",
+    "draw_masks",
+    "lds_from_arrays",
+    "lds_score",
+    "noise_ceiling",
+    "query_losses",
+    "spearman_columns",
+    "truth_plans",
+]

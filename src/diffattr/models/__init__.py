@@ -11,7 +11,12 @@ from diffattr.models._registry import (
     predict,
 )
 from diffattr.models._sampling import DEFAULT_STEPS, sample, sample_checkpoint, save_samples
-from diffattr.models._training import TrainConfig, default_scheduler_config, train
+from diffattr.models._training import (
+    TrainConfig,
+    default_scheduler_config,
+    diffusion_target,
+    train,
+)
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -23,6 +28,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "default_scheduler_config",
+    "diffusion_target",
     "load_checkpoint",
     "model_spec",
     "predict",

@@ -27,7 +27,8 @@ from torch import nn
 
 from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json
 from diffattr._version import __version__
-from diffattr.errors import CheckpointError
+from diffattr.data import ImageDataset, load_from_source
+from diffattr.errors import CheckpointError, DataError
 from diffattr.models._registry import ModelSpec, build_model
 
 CHECKPOINT_FILE = "checkpoint.json"
@@ -117,6 +118,39 @@ class Checkpoint:
     def describe(self) -> dict[str, Any]:
         """Return the full ``checkpoint.json`` content."""
         return read_json(self.path / CHECKPOINT_FILE)
+
+    def training_data(self) -> ImageDataset:
+        """Reload the images the model was trained on, from the source its metadata records.
+
+        Raises:
+            DataError: The checkpoint records no reloadable dataset (e.g. in-memory images), or
+                the reloaded images differ from the recorded fingerprint.
+        """
+        record = self.metadata.get("dataset") or {}
+        source = record.get("source")
+        if not source or source.get("kind") == "memory":
+            raise DataError(f"{self.path} does not record a reloadable training dataset")
+        data = load_from_source(source)
+        expected = record.get("fingerprint")
+        if expected is not None and data.fingerprint() != expected:
+            raise DataError(
+                f"{self.path}: the training data at its recorded source has changed since training "
+                "(fingerprints differ)"
+            )
+        return data
+
+    def heldout_data(self) -> ImageDataset:
+        """Reload the held-out images of the split the model was trained with.
+
+        Raises:
+            DataError: The checkpoint records no split or no reloadable dataset.
+        """
+        split = self.metadata.get("split")
+        source = (self.metadata.get("dataset") or {}).get("source")
+        if not split or not source or source.get("kind") == "memory":
+            raise DataError(f"{self.path} records no reloadable held-out split")
+        whole = load_from_source({k: v for k, v in source.items() if k != "ids"})
+        return whole.select(split["query_ids"])
 
 
 def save_checkpoint(

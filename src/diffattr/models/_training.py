@@ -167,8 +167,10 @@ def train(
     }
     _check_fits(spec, dataset)
     model = _seeded_model(spec, config.seed).to(device)
+    # foreach: one fused kernel per operation over all tensors (the per-tensor default is ~4x
+    # slower for small models, where optimiser overhead rivals the forward and backward).
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
     )
     ema = _Ema(model, config.ema_decay) if config.ema_decay is not None else None
     start = 0
@@ -196,7 +198,7 @@ def train(
         noise = torch.randn(x0.shape, generator=draw).to(device)
         t = t.to(device)
         x_t = scheduler.add_noise(x0, noise, t)
-        target = _target(scheduler, x0, noise, t)
+        target = diffusion_target(scheduler, x0, noise, t)
         loss = torch.nn.functional.mse_loss(predict(model, x_t, t), target)
         if not torch.isfinite(loss):
             raise ConfigError(
@@ -258,9 +260,10 @@ def _seeded_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
     return model
 
 
-def _target(
+def diffusion_target(
     scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:
+    """The regression target of the diffusion loss for the scheduler's ``prediction_type``."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -282,11 +285,14 @@ class _Ema:
     def update(self, model: torch.nn.Module, step: int) -> None:
         # Warm-up keeps early averages from being dominated by the random initialisation.
         decay = min(self.decay, (1 + step) / (10 + step))
+        averaged, current = [], []
         for key, value in model.state_dict().items():
             if value.is_floating_point():
-                self.state[key].lerp_(value.detach(), 1.0 - decay)
+                averaged.append(self.state[key])
+                current.append(value.detach())
             else:
                 self.state[key].copy_(value)
+        torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
 
 def _save(

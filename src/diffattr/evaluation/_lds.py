@@ -1,0 +1,893 @@
+"""Linear datamodeling score (LDS): subset masks, retrained subset models, ground truth, scoring.
+
+A benchmark is a directory::
+
+    benchmark.json          settings, seeds, base model, training ids, query sets, truth plans
+    masks.npy               (M, N) bool: the training images subset m keeps (columns: train ids)
+    base/                   the base checkpoint, whose recipe every subset model repeats
+    queries/<set>.npz       query images and ids of each query set ("heldout", "generated")
+    truth/subset-MMMM-seed-S.npz
+                            one retrained model's query losses, (R, Q) per query set
+    models/                 subset checkpoints while they train (deleted once measured)
+    ground_truth.npz        merged: (M, S, R, Q) losses per query set
+
+Every piece is written atomically and carries the benchmark's id, so a build resumes after an
+interruption (finished models are not retrained, a half-trained one resumes from its last
+checkpoint) and separate processes (``shard=(i, n)``) can split the retraining between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from scipy.stats import rankdata
+from tqdm.auto import tqdm
+
+from diffattr._config import is_int, known_fields
+from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json
+from diffattr._seed import derive_seed, generator
+from diffattr._version import __version__
+from diffattr.data import ImageDataset, load_npz, save_grid
+from diffattr.errors import BenchmarkError, ConfigError, DataError
+from diffattr.features import Plan, PlanConfig
+from diffattr.models import (
+    Checkpoint,
+    TrainConfig,
+    diffusion_target,
+    load_checkpoint,
+    predict,
+    sample_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+BENCHMARK_FILE = "benchmark.json"
+MASKS_FILE = "masks.npy"
+TRUTH_FILE = "ground_truth.npz"
+FORMAT = "diffattr.lds-benchmark"
+FORMAT_VERSION = 1
+QUERY_SETS = ("heldout", "generated")
+
+Schedule = Literal["epochs", "steps"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LDSConfig:
+    """How an LDS benchmark is drawn, retrained and measured (METHODS.md section 6)."""
+
+    num_subsets: int = field(default=64, metadata={"help": "M: random training subsets"})
+    fraction: float = field(
+        default=0.5, metadata={"help": "alpha: fraction of the training set each subset keeps"}
+    )
+    model_seeds: int = field(
+        default=2,
+        metadata={"help": "models per subset (training seeds); >= 2 gives the noise ceiling"},
+    )
+    schedule: Schedule = field(
+        default="epochs",
+        metadata={
+            "help": "epochs: subset models train for the base's epochs (steps x alpha); "
+            "steps: for the base's number of steps"
+        },
+    )
+    n_heldout: int = field(
+        default=100, metadata={"help": "held-out real queries, drawn from the base's split"}
+    )
+    n_generated: int = field(
+        default=100, metadata={"help": "generated queries: the base samples seeds 0..n-1"}
+    )
+    truth_timesteps: int = field(
+        default=1000, metadata={"help": "timesteps of the ground-truth loss (uniform)"}
+    )
+    truth_noise_draws: int = field(
+        default=2, metadata={"help": "noise draws per timestep of the ground-truth loss"}
+    )
+    seed: int = field(default=0, metadata={"help": "root seed of masks, queries and truth noise"})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_subsets": is_int(self.num_subsets) and self.num_subsets >= 3,
+            "fraction": isinstance(self.fraction, float | int) and 0 < self.fraction < 1,
+            "model_seeds": is_int(self.model_seeds) and self.model_seeds >= 1,
+            "schedule": self.schedule in get_args(Schedule),
+            "n_heldout": is_int(self.n_heldout) and self.n_heldout >= 0,
+            "n_generated": is_int(self.n_generated) and self.n_generated >= 0,
+            "truth_timesteps": is_int(self.truth_timesteps) and self.truth_timesteps >= 1,
+            "truth_noise_draws": is_int(self.truth_noise_draws) and self.truth_noise_draws >= 1,
+            "seed": is_int(self.seed),
+        }
+        allowed = {
+            "num_subsets": "an integer >= 3 (Spearman over subsets)",
+            "fraction": "in (0, 1)",
+            "model_seeds": "an integer >= 1",
+            "schedule": f"one of {list(get_args(Schedule))}",
+            "n_heldout": "an integer >= 0",
+            "n_generated": "an integer >= 0",
+            "truth_timesteps": "an integer >= 1",
+            "truth_noise_draws": "an integer >= 1",
+            "seed": "an integer",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(
+                    f"LDSConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed[name]}"
+                )
+        if self.n_heldout + self.n_generated == 0:
+            raise ConfigError("LDSConfig needs queries: n_heldout + n_generated must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LDSConfig:
+        """Rebuild settings written by :meth:`to_dict`; unknown keys are an error."""
+        return cls(**known_fields(cls, data))
+
+
+def draw_masks(n_train: int, config: LDSConfig) -> np.ndarray:
+    """Draw the (M, N) boolean subset masks: each row keeps exactly round(alpha * N) images.
+
+    Row m depends only on (seed, m), so adding subsets never changes the earlier ones.
+    """
+    keep = round(config.fraction * n_train)
+    if not 1 <= keep < n_train:
+        raise ConfigError(
+            f"LDSConfig.fraction={config.fraction} keeps {keep} of {n_train} training images: "
+            "each subset must keep at least one image and leave at least one out"
+        )
+    masks = np.zeros((config.num_subsets, n_train), dtype=bool)
+    for m in range(config.num_subsets):
+        order = torch.randperm(n_train, generator=generator(config.seed, "lds-mask", m))
+        masks[m, order[:keep].numpy()] = True
+    return masks
+
+
+def truth_plans(config: LDSConfig, query_set: str, num_train_timesteps: int) -> list[Plan]:
+    """The R plans of the ground-truth loss of one query set: same timesteps, own noise each."""
+    return [
+        Plan.build(
+            PlanConfig(
+                strategy="uniform",
+                num_steps=min(config.truth_timesteps, num_train_timesteps),
+                seed=derive_seed(config.seed, "truth", query_set, r),
+            ),
+            num_train_timesteps,
+        )
+        for r in range(config.truth_noise_draws)
+    ]
+
+
+@torch.no_grad()
+def query_losses(
+    model: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    queries: ImageDataset,
+    plans: list[Plan],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1024,
+    noise_cache: dict[int, torch.Tensor] | None = None,
+) -> np.ndarray:
+    """Diffusion loss of every query, averaged over each plan's timesteps.
+
+    Args:
+        model: The denoiser, called as ``model(x_t, t)``.
+        scheduler_config: Its noise schedule.
+        queries: Q images.
+        plans: R plans; plan r gives row r.
+        device: Where to run the model.
+        batch_size: (query, timestep) pairs per forward pass.
+        noise_cache: Optional dict reused across calls with the same queries and plans, so the
+            noise is drawn once for many models.
+
+    Returns:
+        (R, Q) float64 losses: the mean squared error of the model's prediction against the
+        scheduler's target, over pixels and the plan's timesteps.
+    """
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    x0 = queries.images.to(device)
+    n_queries = len(queries)
+    steps_per_batch = max(1, batch_size // max(1, n_queries))
+    out = np.zeros((len(plans), n_queries), dtype=np.float64)
+    for r, plan in enumerate(plans):
+        noise = _plan_noise(plan, queries, noise_cache, r)
+        total = torch.zeros(n_queries, dtype=torch.float64, device=device)
+        for first in range(0, len(plan), steps_per_batch):
+            steps = range(first, min(first + steps_per_batch, len(plan)))
+            eps = noise[steps.start : steps.stop].to(device).flatten(0, 1)
+            t = torch.tensor(
+                [plan.timesteps[k] for k in steps for _ in range(n_queries)], device=device
+            )
+            clean = x0.repeat(len(steps), 1, 1, 1)
+            x_t = scheduler.add_noise(clean, eps, t)
+            error = predict(model, x_t, t) - diffusion_target(scheduler, clean, eps, t)
+            per_pair = error.pow(2).flatten(1).mean(1).double()
+            total += per_pair.view(len(steps), n_queries).sum(0)
+        out[r] = (total / len(plan)).cpu().numpy()
+    return out
+
+
+def _plan_noise(
+    plan: Plan, queries: ImageDataset, cache: dict[int, torch.Tensor] | None, key: int
+) -> torch.Tensor:
+    if cache is not None and key in cache:
+        return cache[key]
+    shape = tuple(queries.images.shape[1:])
+    noise = torch.stack([plan.noise_for(k, queries.ids, shape) for k in range(len(plan))])
+    if cache is not None:
+        cache[key] = noise
+    return noise
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One retrained model of a benchmark: subset ``subset`` with training seed ``seed``."""
+
+    subset: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """File-name stem, e.g. ``subset-0003-seed-1``."""
+        return f"subset-{self.subset:04d}-seed-{self.seed}"
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What one :meth:`LDSBenchmark.build` call did."""
+
+    trained: list[str]
+    already_done: int
+    remaining: int
+    seconds: float
+
+
+class LDSBenchmark:
+    """A built (or building) LDS benchmark directory; open with :meth:`create` or :meth:`open`.
+
+    Attributes:
+        path: The directory.
+        config: Its settings.
+        base: The base checkpoint (``path/base``).
+        train_ids: (N,) the training images' sample ids, the columns of :attr:`masks`.
+        masks: (M, N) bool subset masks.
+        queries: Query set name -> images.
+        record: The content of ``benchmark.json``.
+    """
+
+    def __init__(self, path: Path, record: dict[str, Any]) -> None:
+        self.path = path
+        self.record = record
+        self.config = LDSConfig.from_dict(record["config"])
+        self.base = load_checkpoint(path / "base")
+        self.train_ids = np.asarray(record["train_ids"], dtype=np.int64)
+        self.masks = _load_masks(path, record, len(self.train_ids))
+        self.queries = {
+            name: _load_queries(path, name, entry) for name, entry in record["queries"].items()
+        }
+
+    @property
+    def id(self) -> str:
+        """Identity of the benchmark: a hash of its settings, base weights, masks and queries."""
+        return str(self.record["benchmark_id"])
+
+    @property
+    def units(self) -> list[Unit]:
+        """Every model to retrain, subset-major."""
+        return [
+            Unit(m, s)
+            for m in range(self.config.num_subsets)
+            for s in range(self.config.model_seeds)
+        ]
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        base: Checkpoint | str | os.PathLike[str],
+        config: LDSConfig,
+        *,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> LDSBenchmark:
+        """Set up a benchmark for a trained base model: copy the base, draw masks and queries.
+
+        Idempotent: an existing benchmark at ``path`` made from the same base and settings is
+        opened; one made otherwise is refused.
+
+        Args:
+            path: The benchmark directory.
+            base: The trained base checkpoint; it must record its training data and split (every
+                checkpoint ``diffattr train`` writes does).
+            config: The settings.
+            device: Where to sample the generated queries.
+            progress: Show a progress bar while sampling.
+
+        Raises:
+            BenchmarkError: ``path`` holds a different benchmark.
+            DataError: The base records no reloadable data, or too few held-out images.
+        """
+        path = Path(path)
+        base = base if isinstance(base, Checkpoint) else load_checkpoint(base)
+        if (path / BENCHMARK_FILE).exists():
+            existing = cls.open(path)
+            differing = []
+            if existing.config != config:
+                differing.append("settings")
+            if existing.record["base_weights"] != base.weights_id():
+                differing.append("base weights")
+            if differing:
+                raise BenchmarkError(
+                    f"{path} holds a benchmark with other {' and '.join(differing)}; "
+                    "choose another directory"
+                )
+            return existing
+        train_data = base.training_data()
+        masks = draw_masks(len(train_data), config)
+        queries = _draw_queries(base, config, device, progress)
+        base_copy = _copy_base(base, path / "base")
+        (path / "queries").mkdir(parents=True, exist_ok=True)
+        atomic_write(path / MASKS_FILE, lambda tmp: _save_npy(tmp, masks))
+        entries = {}
+        for name, dataset in queries.items():
+            entries[name] = _save_queries(path, name, dataset)
+        scheduler_t = int(base.scheduler_config.get("num_train_timesteps", 1000))
+        record: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "diffattr_version": __version__,
+            "config": config.to_dict(),
+            "base_weights": base_copy.weights_id(),
+            "base_source": str(base.path),
+            "train_fingerprint": train_data.fingerprint(),
+            "train_ids": train_data.ids.tolist(),
+            "masks_sha256": sha256_file(path / MASKS_FILE),
+            "queries": entries,
+            "subset_recipe": _recipe_description(base, config, len(train_data)),
+            "truth_plans": {
+                name: [p.to_dict() for p in truth_plans(config, name, scheduler_t)]
+                for name in queries
+            },
+        }
+        record["benchmark_id"] = _digest(record)
+        write_json(path / BENCHMARK_FILE, record)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> LDSBenchmark:
+        """Open a benchmark directory.
+
+        Raises:
+            BenchmarkError: No benchmark there, another format, or a file that does not match
+                ``benchmark.json``.
+        """
+        path = Path(path)
+        file = path / BENCHMARK_FILE
+        if not file.is_file():
+            raise BenchmarkError(f"{path}: not an LDS benchmark (no {BENCHMARK_FILE})")
+        try:
+            record = read_json(file)
+        except ValueError as err:
+            raise BenchmarkError(str(err)) from err
+        problem = format_problem(record, file, FORMAT, FORMAT_VERSION)
+        if problem:
+            raise BenchmarkError(problem)
+        return cls(path, record)
+
+    def train_data(self) -> ImageDataset:
+        """Reload the training images, in the order of :attr:`train_ids`."""
+        data = self.base.training_data()
+        if data.fingerprint() != self.record["train_fingerprint"]:
+            raise BenchmarkError(f"{self.path}: the base's training data no longer matches")
+        return data
+
+    def subset_recipe(self, unit: Unit) -> TrainConfig:
+        """The recipe of one subset model: the base's, with the unit's seed and length."""
+        return _subset_recipe(self.base, self.config, len(self.train_ids), unit.subset, unit.seed)
+
+    def truth_plans(self, query_set: str) -> list[Plan]:
+        """The ground-truth plans of ``query_set``, as recorded."""
+        return [Plan.from_dict(p) for p in self.record["truth_plans"][query_set]]
+
+    def piece_path(self, unit: Unit) -> Path:
+        """Where one unit's measured losses are stored."""
+        return self.path / "truth" / f"{unit.name}.npz"
+
+    def is_done(self, unit: Unit) -> bool:
+        """Whether a valid measurement of ``unit`` exists (an invalid one raises)."""
+        path = self.piece_path(unit)
+        if not path.exists():
+            return False
+        self._read_piece(unit)
+        return True
+
+    def build(
+        self,
+        *,
+        shard: tuple[int, int] = (0, 1),
+        device: str | torch.device = "cpu",
+        max_models: int | None = None,
+        keep_models: bool = False,
+        batch_size: int = 1024,
+        progress: bool = True,
+    ) -> BuildReport:
+        """Retrain and measure this shard's subset models that are not done yet.
+
+        Args:
+            shard: (i, n): take every unit whose index is i modulo n; separate processes (or
+                SLURM array tasks, or GPUs) take different i and the same n.
+            device: Where to train and measure.
+            max_models: Stop after training this many (for time-boxed jobs); rerun to go on.
+            keep_models: Keep each subset checkpoint under ``models/`` after measuring it.
+            batch_size: (query, timestep) pairs per forward pass of the measurement.
+            progress: Show a progress bar.
+
+        Returns:
+            What was trained, what was already done and what is left in this shard.
+        """
+        index, count = _check_shard(shard)
+        mine = [u for i, u in enumerate(self.units) if i % count == index]
+        todo = [u for u in mine if not self.is_done(u)]
+        if max_models is not None:
+            if not is_int(max_models) or max_models < 0:
+                raise ConfigError(f"max_models={max_models!r} is invalid: must be >= 0")
+            todo = todo[:max_models]
+        began = time.perf_counter()
+        trained: list[str] = []
+        if todo:
+            train_data = self.train_data()
+            caches: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.queries}
+            bar = tqdm(todo, desc=f"lds shard {index}/{count}", unit="model", disable=not progress)
+            for unit in bar:
+                self._build_unit(unit, train_data, caches, device, keep_models, batch_size)
+                trained.append(unit.name)
+        remaining = sum(not self.is_done(u) for u in mine)
+        return BuildReport(
+            trained, len(mine) - len(todo), remaining, round(time.perf_counter() - began, 2)
+        )
+
+    def _build_unit(
+        self,
+        unit: Unit,
+        train_data: ImageDataset,
+        caches: dict[str, dict[int, torch.Tensor]],
+        device: str | torch.device,
+        keep_model: bool,
+        batch_size: int,
+    ) -> None:
+        began = time.perf_counter()
+        subset = train_data.select(self.train_ids[self.masks[unit.subset]])
+        model_dir = self.path / "models" / unit.name
+        checkpoint = train(
+            self.base.model_spec,
+            subset,
+            self.subset_recipe(unit),
+            model_dir,
+            scheduler_config=self.base.scheduler_config,
+            device=device,
+            progress=False,
+        )
+        model = checkpoint.load_model("auto", device=str(device))
+        arrays = {
+            name: query_losses(
+                model,
+                self.base.scheduler_config,
+                queries,
+                self.truth_plans(name),
+                device=device,
+                batch_size=batch_size,
+                noise_cache=caches[name],
+            )
+            for name, queries in self.queries.items()
+        }
+        meta = {
+            "benchmark_id": self.id,
+            "unit": unit.name,
+            "weights": checkpoint.weights_id(),
+            "steps": checkpoint.step,
+            "seconds": round(time.perf_counter() - began, 2),
+        }
+        arrays["meta"] = np.array(json.dumps(meta))
+        self.piece_path(unit).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.piece_path(unit), lambda tmp: _save_npz(tmp, arrays))
+        if not keep_model:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+    def _read_piece(self, unit: Unit) -> dict[str, np.ndarray]:
+        path = self.piece_path(unit)
+        try:
+            with np.load(path) as data:
+                arrays = {key: data[key] for key in data.files}
+            meta = json.loads(str(arrays.pop("meta")))
+        except (OSError, ValueError, KeyError) as err:
+            raise BenchmarkError(
+                f"{path}: unreadable measurement ({err}); delete it to redo"
+            ) from err
+        if meta.get("benchmark_id") != self.id:
+            raise BenchmarkError(
+                f"{path} was measured for another benchmark; delete it (or the truth folder)"
+            )
+        for name, queries in self.queries.items():
+            shape = (self.config.truth_noise_draws, len(queries))
+            values = arrays.get(name)
+            if values is None or values.shape != shape or not np.isfinite(values).all():
+                raise BenchmarkError(f"{path}: {name} losses are missing or malformed")
+        return arrays
+
+    def status(self) -> tuple[int, int]:
+        """(units measured, units in total)."""
+        return sum(self.is_done(u) for u in self.units), len(self.units)
+
+    def merge(self) -> Path:
+        """Check that every unit is measured and write ``ground_truth.npz``.
+
+        Raises:
+            BenchmarkError: Units are missing (they are listed) or a piece is invalid.
+        """
+        missing = [u.name for u in self.units if not self.piece_path(u).exists()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise BenchmarkError(
+                f"{self.path}: {len(missing)} of {len(self.units)} subset models are not measured "
+                f"yet ({shown}); run `diffattr lds build` for every shard first"
+            )
+        shape = (self.config.num_subsets, self.config.model_seeds)
+        merged = {
+            name: np.zeros((*shape, self.config.truth_noise_draws, len(q)))
+            for name, q in self.queries.items()
+        }
+        for unit in self.units:
+            piece = self._read_piece(unit)
+            for name in merged:
+                merged[name][unit.subset, unit.seed] = piece[name]
+        arrays: dict[str, np.ndarray] = {**merged, "benchmark_id": np.array(self.id)}
+        atomic_write(self.path / TRUTH_FILE, lambda tmp: _save_npz(tmp, arrays))
+        return self.path / TRUTH_FILE
+
+    def ground_truth(self, query_set: str) -> np.ndarray:
+        """(M, S, R, Q) losses of a query set, from ``ground_truth.npz``.
+
+        Raises:
+            BenchmarkError: Not merged yet, or merged for another benchmark.
+        """
+        self._check_query_set(query_set)
+        file = self.path / TRUTH_FILE
+        if not file.is_file():
+            raise BenchmarkError(f"{self.path}: no {TRUTH_FILE}; run `diffattr lds merge` first")
+        with np.load(file) as data:
+            if str(data["benchmark_id"]) != self.id:
+                raise BenchmarkError(f"{file} belongs to another benchmark; merge again")
+            return np.asarray(data[query_set], dtype=np.float64)
+
+    def _check_query_set(self, query_set: str) -> None:
+        if query_set not in self.queries:
+            raise ConfigError(
+                f"query set {query_set!r} is not in {self.path}: it has {sorted(self.queries)}"
+            )
+
+
+@dataclass(frozen=True)
+class LDSResult:
+    """LDS of one score matrix on one query set of a benchmark.
+
+    Attributes:
+        method: The scores' method name.
+        query_set: Which queries.
+        lds: Mean over queries of the Spearman correlation, over subsets, between predicted and
+            measured model outputs.
+        ci: (low, high) 95% bootstrap interval of ``lds`` over subsets.
+        per_query: (Q,) Spearman correlation of each query.
+        split_half: Mean Spearman correlation between the ground truths of two halves of the
+            models' seeds (of the noise draws when there is one seed per subset); None when
+            there is nothing to split.
+        ceiling: The noise ceiling: the expected LDS of a perfect predictor against the full
+            ground truth, ``sqrt(2 r / (1 + r))`` from the split-half ``r`` (Spearman-Brown).
+        ceiling_basis: ``"model seeds"`` or ``"noise draws"`` (then the ceiling ignores
+            training noise and is optimistic).
+        n_subsets: M.
+        settings: The scores' settings (timesteps, projection size...).
+    """
+
+    method: str
+    query_set: str
+    lds: float
+    ci: tuple[float, float]
+    per_query: np.ndarray
+    split_half: float | None
+    ceiling: float | None
+    ceiling_basis: str | None
+    n_subsets: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (per-query values included)."""
+        return {
+            "method": self.method,
+            "query_set": self.query_set,
+            "lds": self.lds,
+            "ci": list(self.ci),
+            "per_query": self.per_query.tolist(),
+            "split_half": self.split_half,
+            "ceiling": self.ceiling,
+            "ceiling_basis": self.ceiling_basis,
+            "n_subsets": self.n_subsets,
+            "n_queries": len(self.per_query),
+            "settings": self.settings,
+        }
+
+
+def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation between matching columns of two (M, Q) arrays (ties: mean ranks).
+
+    A column that is constant in either array has no ranking and gets correlation 0.
+    """
+    if a.shape != b.shape or a.ndim < 2:
+        raise ConfigError(
+            f"spearman_columns needs two equal (M, Q) arrays, got {a.shape}, {b.shape}"
+        )
+    return _pearson(rankdata(a, axis=-2), rankdata(b, axis=-2))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=-2, keepdims=True)
+    b = b - b.mean(axis=-2, keepdims=True)
+    num = (a * b).sum(axis=-2)
+    den = np.sqrt((a * a).sum(axis=-2) * (b * b).sum(axis=-2))
+    safe = np.where(den > 0, den, 1.0)
+    return np.where(den > 0, num / safe, 0.0)
+
+
+def lds_from_arrays(
+    masks: np.ndarray,
+    losses: np.ndarray,
+    scores: np.ndarray,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float], np.ndarray]:
+    """LDS of a score matrix against measured losses.
+
+    Args:
+        masks: (M, N) bool subset masks.
+        losses: (M, Q) measured losses of each query under each subset's model (lower: the
+            subset helped the query).
+        scores: (Q, N) attribution scores, positive meaning the training image helped.
+        n_bootstrap: Resamples of the subsets for the confidence interval (0: none).
+        seed: Seed of the resampling.
+
+    Returns:
+        (LDS, (low, high) 95% interval, per-query Spearman correlations).
+    """
+    predicted = masks.astype(np.float64) @ scores.astype(np.float64).T
+    outcome = -losses
+    per_query = spearman_columns(predicted, outcome)
+    lds = float(per_query.mean())
+    if n_bootstrap <= 0:
+        return lds, (lds, lds), per_query
+    rng = np.random.default_rng(derive_seed(seed, "lds-bootstrap"))
+    n_subsets = len(masks)
+    means = []
+    for start in range(0, n_bootstrap, 100):
+        rows = rng.integers(0, n_subsets, size=(min(100, n_bootstrap - start), n_subsets))
+        means.append(spearman_columns(predicted[rows], outcome[rows]).mean(axis=-1))
+    low, high = np.quantile(np.concatenate(means), [0.025, 0.975])
+    return lds, (float(low), float(high)), per_query
+
+
+def noise_ceiling(truth: np.ndarray) -> tuple[float | None, float | None, str | None]:
+    """Split-half reliability of an (M, S, R, Q) ground truth, and the ceiling it implies.
+
+    Returns:
+        (split-half mean Spearman r, ceiling sqrt(2r / (1 + r)), basis); Nones when S = R = 1.
+    """
+    if truth.shape[1] >= 2:
+        first, second = truth[:, 0::2].mean(axis=(1, 2)), truth[:, 1::2].mean(axis=(1, 2))
+        basis = "model seeds"
+    elif truth.shape[2] >= 2:
+        first, second = truth[:, :, 0::2].mean(axis=(1, 2)), truth[:, :, 1::2].mean(axis=(1, 2))
+        basis = "noise draws"
+    else:
+        return None, None, None
+    r = float(spearman_columns(first, second).mean())
+    ceiling = math.sqrt(2 * r / (1 + r)) if r > 0 else 0.0
+    return r, ceiling, basis
+
+
+def lds_score(
+    benchmark: LDSBenchmark,
+    scores: Any,
+    query_set: str,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> LDSResult:
+    """LDS of saved :class:`~diffattr.methods.Scores` on a benchmark's query set.
+
+    The score matrix's columns and rows are matched to the benchmark by sample id, so any order
+    is accepted; different id sets are refused.
+
+    Raises:
+        DataError: The scores' training ids or query ids are not the benchmark's.
+        BenchmarkError: The benchmark is not merged.
+    """
+    benchmark._check_query_set(query_set)
+    truth = benchmark.ground_truth(query_set)
+    queries = benchmark.queries[query_set]
+    columns = _match_ids(scores.train_ids, benchmark.train_ids, "training", benchmark.path)
+    rows = _match_ids(scores.query_ids, queries.ids, f"{query_set} query", benchmark.path)
+    values = np.asarray(scores.values, dtype=np.float64)[rows][:, columns]
+    lds, ci, per_query = lds_from_arrays(
+        benchmark.masks, truth.mean(axis=(1, 2)), values, n_bootstrap=n_bootstrap, seed=seed
+    )
+    split_half, ceiling, basis = noise_ceiling(truth)
+    return LDSResult(
+        method=scores.method,
+        query_set=query_set,
+        lds=lds,
+        ci=ci,
+        per_query=per_query,
+        split_half=split_half,
+        ceiling=ceiling,
+        ceiling_basis=basis,
+        n_subsets=len(benchmark.masks),
+        settings=dict(scores.settings),
+    )
+
+
+def _match_ids(have: np.ndarray, want: np.ndarray, what: str, where: Path) -> np.ndarray:
+    """Indices into ``have`` that give ``want``'s order; the two must be the same id set."""
+    have = np.asarray(have, dtype=np.int64)
+    position = {int(i): n for n, i in enumerate(have)}
+    missing = [int(i) for i in want if int(i) not in position]
+    extra = len(set(position) - {int(i) for i in want})
+    if missing or extra:
+        raise DataError(
+            f"the scores' {what} ids do not match the benchmark {where}: {len(missing)} of its "
+            f"{len(want)} ids are missing from the scores (e.g. {missing[:3]}) and the scores have "
+            f"{extra} ids it does not; score the benchmark's own images"
+        )
+    return np.array([position[int(i)] for i in want], dtype=np.int64)
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ConfigError(f"shard={shard!r} is invalid: must be (i, n)") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"shard={shard!r} is invalid: need n >= 1 and 0 <= i < n")
+    return index, count
+
+
+def _subset_recipe(
+    base: Checkpoint, config: LDSConfig, n_train: int, subset: int, seed: int
+) -> TrainConfig:
+    recipe = base.metadata.get("training")
+    if not recipe:
+        raise BenchmarkError(f"{base.path} records no training recipe to repeat")
+    recipe = TrainConfig.from_dict(recipe)
+    keep = round(config.fraction * n_train)
+    scale = keep / n_train if config.schedule == "epochs" else 1.0
+    steps = max(1, round(recipe.steps * scale))
+    warmup = recipe.warmup_steps
+    if warmup is not None:
+        warmup = min(round(warmup * scale), steps - 1)
+    # The same training seed for every subset (common random numbers): initialisation and noise
+    # draws are shared, so the subsets' outcomes differ by their data, not by unrelated noise.
+    return replace(
+        recipe,
+        steps=steps,
+        warmup_steps=warmup,
+        seed=derive_seed(recipe.seed, "lds-model-seed", seed),
+        checkpoint_every=min(recipe.checkpoint_every, steps),
+    )
+
+
+def _recipe_description(base: Checkpoint, config: LDSConfig, n_train: int) -> dict[str, Any]:
+    recipe = _subset_recipe(base, config, n_train, 0, 0).to_dict()
+    recipe["seed"] = "derive_seed(base seed, 'lds-model-seed', s) for model seed s"
+    return recipe
+
+
+def _draw_queries(
+    base: Checkpoint, config: LDSConfig, device: str | torch.device, progress: bool
+) -> dict[str, ImageDataset]:
+    queries = {}
+    if config.n_heldout:
+        heldout = base.heldout_data()
+        if len(heldout) < config.n_heldout:
+            raise DataError(
+                f"{base.path} holds out {len(heldout)} images, fewer than n_heldout="
+                f"{config.n_heldout}; lower it or train the base with a larger query fraction"
+            )
+        order = torch.randperm(len(heldout), generator=generator(config.seed, "lds-heldout"))
+        chosen = np.sort(heldout.ids[order[: config.n_heldout].numpy()])
+        queries["heldout"] = heldout.select(chosen)
+    if config.n_generated:
+        seeds = list(range(config.n_generated))
+        images = sample_checkpoint(base, seeds, device=device, progress=progress)
+        queries["generated"] = ImageDataset(
+            images=images.cpu(),
+            ids=np.asarray(seeds, dtype=np.int64),
+            name="generated",
+            source={"kind": "memory"},
+        )
+    return queries
+
+
+def _copy_base(base: Checkpoint, target: Path) -> Checkpoint:
+    """The base's weights (no optimizer state) and metadata, so the benchmark stands alone."""
+    states = {role: base.load_state(role) for role in base.files if role != "optimizer"}
+    metadata = {**base.metadata, "copied_from": str(base.path)}
+    return save_checkpoint(
+        target,
+        model_spec=base.model_spec,
+        scheduler_config=base.scheduler_config,
+        step=base.step,
+        states=states,
+        metadata=metadata,
+    )
+
+
+def _save_queries(path: Path, name: str, dataset: ImageDataset) -> dict[str, Any]:
+    arrays = {
+        "images": dataset.images.numpy().astype(np.float32),
+        "ids": dataset.ids,
+        "value_range": np.array([-1.0, 1.0], dtype=np.float32),
+    }
+    if name == "generated":
+        arrays["seeds"] = dataset.ids
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels
+    file = path / "queries" / f"{name}.npz"
+    atomic_write(file, lambda tmp: _save_npz(tmp, arrays))
+    save_grid(dataset.images[:64], path / "queries" / f"{name}.png")
+    return {"file": f"queries/{name}.npz", "n": len(dataset), "sha256": sha256_file(file)}
+
+
+def _load_queries(path: Path, name: str, entry: dict[str, Any]) -> ImageDataset:
+    file = path / entry["file"]
+    if not file.is_file():
+        raise BenchmarkError(f"{file}: query set {name!r} is missing")
+    if sha256_file(file) != entry["sha256"]:
+        raise BenchmarkError(f"{file}: contents do not match the SHA-256 in {BENCHMARK_FILE}")
+    return load_npz(file)
+
+
+def _load_masks(path: Path, record: dict[str, Any], n_train: int) -> np.ndarray:
+    file = path / MASKS_FILE
+    if not file.is_file():
+        raise BenchmarkError(f"{file}: subset masks are missing")
+    if sha256_file(file) != record["masks_sha256"]:
+        raise BenchmarkError(f"{file}: contents do not match the SHA-256 in {BENCHMARK_FILE}")
+    masks = np.load(file)
+    config = record["config"]
+    if masks.dtype != bool or masks.shape != (config["num_subsets"], n_train):
+        raise BenchmarkError(f"{file}: masks of shape {masks.shape}, expected (M, N)")
+    return masks
+
+
+def _digest(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
