@@ -6,7 +6,7 @@ import torch
 
 from diffattr.data import ImageDataset, load_digits
 from diffattr.errors import DataError
-from diffattr.methods import embedding_cosine_scores, pixel_cosine_scores
+from diffattr.methods import embedding_cosine_scores, pixel_cosine_scores, random_scores
 
 
 def _split() -> tuple[ImageDataset, ImageDataset]:
@@ -57,3 +57,16 @@ def test_similarity_rejects_bad_input() -> None:
         embedding_cosine_scores(queries, train, lambda images: images.reshape(-1))
     with pytest.raises(DataError, match="NaN"):
         embedding_cosine_scores(queries, train, lambda images: images.flatten(1) * np.nan)
+
+
+def test_random_scores_are_seeded_and_follow_ids_not_order() -> None:
+    digits = load_digits()
+    queries, train = digits.select(np.arange(3)), digits.select(np.arange(10, 17))
+    scores = random_scores(queries, train, seed=4)
+    assert scores.method == "random"
+    assert scores.values.shape == (3, 7)
+    np.testing.assert_array_equal(random_scores(queries, train, seed=4).values, scores.values)
+    assert not np.array_equal(random_scores(queries, train, seed=5).values, scores.values)
+    order = np.array([6, 0, 3, 1, 5, 2, 4])
+    shuffled = random_scores(queries, train.select(train.ids[order]), seed=4)
+    np.testing.assert_array_equal(shuffled.values, scores.values[:, order])

@@ -15,7 +15,11 @@ from diffattr.methods._kernel import (
 )
 from diffattr.methods._nda import NDAConfig, nda_heatmaps, nda_scores, save_heatmap
 from diffattr.methods._scores import SIGN_CONVENTION, Scores
-from diffattr.methods._similarity import embedding_cosine_scores, pixel_cosine_scores
+from diffattr.methods._similarity import (
+    embedding_cosine_scores,
+    pixel_cosine_scores,
+    random_scores,
+)
 from diffattr.methods._tracin import (
     GradCos,
     GradDot,
@@ -67,5 +71,6 @@ __all__ = [
     "nda_heatmaps",
     "nda_scores",
     "pixel_cosine_scores",
+    "random_scores",
     "save_heatmap",
 ]

@@ -111,3 +111,25 @@ def _check_same_shape(queries: ImageDataset, train: ImageDataset) -> None:
             f"query images {tuple(queries.images.shape[1:])} and training images "
             f"{tuple(train.images.shape[1:])} differ in shape"
         )
+
+
+def random_scores(queries: ImageDataset, train: ImageDataset, seed: int = 0) -> Scores:
+    """Independent standard normal scores: the chance baseline every evaluation should show.
+
+    A query's row is drawn from (seed, query id) and its columns are assigned by the rank of the
+    training id, so the same images in another order get the same scores.
+    """
+    rows = np.array(
+        [
+            np.random.default_rng([seed, int(q) & 0xFFFFFFFF, 0x5EED]).standard_normal(len(train))
+            for q in queries.ids
+        ]
+    )
+    rank = np.argsort(np.argsort(train.ids, kind="stable"), kind="stable")
+    return Scores(
+        values=rows[:, rank].reshape(len(queries), len(train)),
+        query_ids=queries.ids,
+        train_ids=train.ids,
+        method="random",
+        settings={"seed": seed},
+    )
