@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Write a file through ``write(tmp_path)`` and move it into place only once it is complete.
@@ -42,6 +44,22 @@ def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     """Atomically write ``data`` as sorted, indented JSON."""
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_npy(path: str | os.PathLike[str], array: Any) -> None:
+    """Atomically write one array as ``.npy``."""
+    atomic_write(path, lambda tmp: _through_handle(tmp, lambda h: np.save(h, array)))
+
+
+def write_npz(path: str | os.PathLike[str], arrays: dict[str, Any]) -> None:
+    """Atomically write named arrays as an uncompressed ``.npz``."""
+    atomic_write(path, lambda tmp: _through_handle(tmp, lambda h: np.savez(h, **arrays)))
+
+
+def _through_handle(path: Path, write: Callable[[Any], None]) -> None:
+    # numpy appends ".npy"/".npz" to bare names; a handle keeps the temporary file's name.
+    with open(path, "wb") as handle:
+        write(handle)
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:

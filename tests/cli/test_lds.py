@@ -63,3 +63,26 @@ def test_bad_lds_input_gets_a_clear_error(root: Path, capsys: pytest.CaptureFixt
     bench = root / "bench-bad"
     argv = ["lds", "init", str(bench), "--base", str(root / "base"), *SETUP]
     _expect_error(capsys, [*argv, "--n-heldout", "99"], "holds out 6 images, fewer than")
+
+
+def test_counterfactual_command(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    samples = root / "samples"
+    argv = ["sample", str(root / "base"), "--out", str(samples), "--n", "2"]
+    assert main([*argv, "--sampler", "ddim", "--steps", "3", "--quiet", "--device", "cpu"]) == 0
+    attr = root / "attr"
+    argv = ["attribute", str(root / "base"), "--out", str(attr), "--method", "pixel-cos"]
+    assert main([*argv, "--queries", str(samples), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    out = root / "cf"
+    argv = ["counterfactual", str(root / "base"), "--queries", str(samples), "--out", str(out)]
+    argv += ["--scores", str(attr / "scores" / "pixel-cos"), "--k", "2", "--n-queries", "1"]
+    argv += ["--sampler", "ddim", "--sampling-steps", "3", "--quiet", "--device", "cpu"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "pixel-cos" in stdout
+    assert "random-0" in stdout
+    assert "no feature map (unlabelled data)" in stdout
+    assert "control (nothing removed): pixel RMS 0.00e+00" in stdout
+    assert (out / "counterfactual.png").is_file()
+    argv[argv.index("ddim")] = "ddpm"
+    _expect_error(capsys, argv, "not what", "pass the sampler used")

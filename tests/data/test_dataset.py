@@ -142,3 +142,14 @@ def test_load_from_source_errors() -> None:
         load_from_source(make_dataset().source)
     with pytest.raises(DataError, match="lacks path"):
         load_from_source({"kind": "npz", "size": None})
+
+
+def test_a_samples_folder_loads_its_npz_not_its_pngs(tmp_path: Path) -> None:
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    np.savez(folder / "samples.npz", images=images.numpy(), ids=np.array([5, 6, 7]))
+    write_image(folder / "grid.png", np.zeros((20, 30), dtype=np.uint8))
+    loaded = load_dataset(folder)
+    assert loaded.ids.tolist() == [5, 6, 7]
+    torch.testing.assert_close(loaded.images, images)

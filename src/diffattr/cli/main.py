@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_attribute_parser(commands)
     _lds.add_parser(commands)
+    _lds.add_counterfactual_parser(commands)
 
     models = commands.add_parser("models", help="list the built-in model configurations")
     models.set_defaults(run=_commands.models)

@@ -57,7 +57,8 @@ def load_dataset(
     """Load a dataset named on the command line or in a config.
 
     Args:
-        spec: ``"digits"``, a folder of PNG/JPEG images, or a path ending in ``.npz``.
+        spec: ``"digits"``, a folder of PNG/JPEG images, a samples folder (holding the
+            ``samples.npz`` that ``diffattr sample`` writes), or a path ending in ``.npz``.
         size: Optional resize, passed to the matching loader.
         value_range: The pixel range of an ``.npz``'s float images (see :func:`load_npz`);
             an error for the other kinds, whose range is known.
@@ -76,6 +77,9 @@ def load_dataset(
         if target is not None and target[0] != target[1]:
             raise DataError(f"digits images are square; got size={size!r}")
         return load_digits(None if target is None else target[0])
+    if path.is_dir() and (path / "samples.npz").is_file():
+        # A folder written by `diffattr sample`: its images are in samples.npz, with their seeds.
+        return load_npz(path / "samples.npz", size)
     if path.is_dir():
         return load_image_folder(path, size)
     if path.suffix.lower() == ".npz":

@@ -1,5 +1,10 @@
 """Evaluation: sample quality, the linear datamodeling score (LDS) and counterfactual retraining."""
 
+from diffattr.evaluation._counterfactual import (
+    CounterfactualConfig,
+    CounterfactualResult,
+    counterfactual,
+)
 from diffattr.evaluation._lds import (
     LDSBenchmark,
     LDSConfig,
@@ -16,9 +21,12 @@ from diffattr.evaluation._quality import ClassConfidence
 
 __all__ = [
     "ClassConfidence",
+    "CounterfactualConfig",
+    "CounterfactualResult",
     "LDSBenchmark",
     "LDSConfig",
     "LDSResult",
+    "counterfactual",
     "draw_masks",
     "lds_from_arrays",
     "lds_score",

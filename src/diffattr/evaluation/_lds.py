@@ -35,7 +35,7 @@ from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from diffattr._config import is_int, known_fields
-from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json
+from diffattr._io import format_problem, read_json, sha256_file, write_json, write_npy, write_npz
 from diffattr._seed import derive_seed, generator
 from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_npz, save_grid
@@ -339,7 +339,7 @@ class LDSBenchmark:
         queries = _draw_queries(base, config, device, progress)
         base_copy = _copy_base(base, path / "base")
         (path / "queries").mkdir(parents=True, exist_ok=True)
-        atomic_write(path / MASKS_FILE, lambda tmp: _save_npy(tmp, masks))
+        write_npy(path / MASKS_FILE, masks)
         entries = {}
         for name, dataset in queries.items():
             entries[name] = _save_queries(path, name, dataset)
@@ -501,7 +501,7 @@ class LDSBenchmark:
         }
         arrays["meta"] = np.array(json.dumps(meta))
         self.piece_path(unit).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.piece_path(unit), lambda tmp: _save_npz(tmp, arrays))
+        write_npz(self.piece_path(unit), arrays)
         if not keep_model:
             shutil.rmtree(model_dir, ignore_errors=True)
 
@@ -553,7 +553,7 @@ class LDSBenchmark:
             for name in merged:
                 merged[name][unit.subset, unit.seed] = piece[name]
         arrays: dict[str, np.ndarray] = {**merged, "benchmark_id": np.array(self.id)}
-        atomic_write(self.path / TRUTH_FILE, lambda tmp: _save_npz(tmp, arrays))
+        write_npz(self.path / TRUTH_FILE, arrays)
         return self.path / TRUTH_FILE
 
     def ground_truth(self, query_set: str) -> np.ndarray:
@@ -852,7 +852,7 @@ def _save_queries(path: Path, name: str, dataset: ImageDataset) -> dict[str, Any
     if dataset.labels is not None:
         arrays["labels"] = dataset.labels
     file = path / "queries" / f"{name}.npz"
-    atomic_write(file, lambda tmp: _save_npz(tmp, arrays))
+    write_npz(file, arrays)
     save_grid(dataset.images[:64], path / "queries" / f"{name}.png")
     return {"file": f"queries/{name}.npz", "n": len(dataset), "sha256": sha256_file(file)}
 
@@ -881,13 +881,3 @@ def _load_masks(path: Path, record: dict[str, Any], n_train: int) -> np.ndarray:
 
 def _digest(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)

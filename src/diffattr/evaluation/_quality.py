@@ -47,13 +47,17 @@ class ClassConfidence:
             warnings.simplefilter("ignore", ConvergenceWarning)
             self._classifier.fit(features, reference.labels)
 
-    def per_image(self, images: torch.Tensor) -> np.ndarray:
-        """Top-class probability of each image, (N,), for images shaped like the reference."""
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities of each image, (N, n_classes), for images like the reference."""
         if tuple(images.shape[1:]) != self.shape:
             raise DataError(
                 f"images of shape {tuple(images.shape[1:])} do not match the reference {self.shape}"
             )
-        return self._classifier.predict_proba(_flatten(images)).max(axis=1)
+        return self._classifier.predict_proba(_flatten(images))
+
+    def per_image(self, images: torch.Tensor) -> np.ndarray:
+        """Top-class probability of each image, (N,), for images shaped like the reference."""
+        return self.probabilities(images).max(axis=1)
 
     def __call__(self, images: torch.Tensor) -> float:
         """Mean top-class probability over ``images`` (N, C, H, W) in [-1, 1]."""

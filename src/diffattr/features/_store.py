@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json
+from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json, write_npy
 from diffattr._version import __version__
 from diffattr.errors import (
     ConfigError,
@@ -213,7 +213,7 @@ class FeatureStore:
     ) -> FeatureStore:
         path.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(path)
-        atomic_write(path / IDS_FILE, lambda tmp: _save_npy(tmp, ids))
+        write_npy(path / IDS_FILE, ids)
         offsets = {}
         for name, (shape, dtype) in specs.items():
             # Sparse file of the final size: rows are filled in place by write_chunk().
@@ -722,12 +722,6 @@ def _check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> int:
     if size != expected:
         raise StoreCorruptError(f"{path}: {size} bytes, expected {expected} (truncated?); {hint}")
     return offset
-
-
-def _save_npy(file: Path, array: np.ndarray) -> None:
-    # np.save appends ".npy" to a path, so hand it an open file.
-    with open(file, "wb") as handle:
-        np.save(handle, array)
 
 
 def _is_temporary(name: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from diffattr._io import atomic_write, read_json, sha256_file, write_json
+from diffattr._io import read_json, sha256_file, write_json, write_npy
 from diffattr._version import __version__
 from diffattr.errors import ConfigError, DataError, StoreCorruptError, StoreError
 
@@ -92,7 +92,7 @@ class Scores:
         """Write ``scores.npy`` and ``scores.json`` (ids, method, settings) atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(directory / SCORES_FILE, lambda tmp: _save_npy(tmp, self.values))
+        write_npy(directory / SCORES_FILE, self.values)
         write_json(
             directory / META_FILE,
             {
@@ -128,8 +128,3 @@ class Scores:
             method=meta["method"],
             settings=meta.get("settings", {}),
         )
-
-
-def _save_npy(path: Path, values: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, values)

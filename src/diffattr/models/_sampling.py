@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
-from diffattr._io import atomic_write, write_json
+from diffattr._io import write_json, write_npz
 from diffattr.data import save_grid, save_pngs
 from diffattr.errors import ConfigError
 from diffattr.models._checkpoint import Checkpoint
@@ -159,7 +159,7 @@ def save_samples(
         "value_range": np.array([-1.0, 1.0], dtype=np.float32),
     }
     npz = out_dir / "samples.npz"
-    atomic_write(npz, lambda tmp: _save_npz(tmp, arrays))
+    write_npz(npz, arrays)
     save_pngs(images, out_dir / "png", [f"seed-{int(s):06d}" for s in seeds])
     save_grid(images, out_dir / "grid.png")
     write_json(
@@ -167,9 +167,3 @@ def save_samples(
         {"n": len(seeds), "seeds": seed_array.tolist(), **(metadata or {})},
     )
     return npz
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    # np.savez appends ".npz" to names without it; write through a handle to keep the temp name.
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
