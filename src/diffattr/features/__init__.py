@@ -1,5 +1,6 @@
 """The feature engine: plans, per-sample gradients, projections, resumable stores, featurisation."""
 
+from diffattr.features._distributed import Distributed, ShardedStore, featurize_sharded
 from diffattr.features._engine import FeatureConfig, featurize
 from diffattr.features._gradients import GradientComputer, select_parameters
 from diffattr.features._outputs import OutputConfig
@@ -8,6 +9,7 @@ from diffattr.features._projection import ProjectionConfig, Projector, make_proj
 from diffattr.features._store import FeatureStore
 
 __all__ = [
+    "Distributed",
     "FeatureConfig",
     "FeatureStore",
     "GradientComputer",
@@ -16,7 +18,9 @@ __all__ = [
     "PlanConfig",
     "ProjectionConfig",
     "Projector",
+    "ShardedStore",
     "featurize",
+    "featurize_sharded",
     "make_projector",
     "select_parameters",
 ]

@@ -7,12 +7,15 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, DataError
-from diffattr.features import FeatureConfig, FeatureStore, featurize
-from diffattr.methods._base import AttributionMethod
+from diffattr.features import Distributed, FeatureConfig, featurize, featurize_sharded
+from diffattr.methods._base import AttributionMethod, Features
 from diffattr.methods._scores import Scores
 from diffattr.methods._tracin import TracIn
 from diffattr.models import Checkpoint, TrainConfig
@@ -35,6 +38,11 @@ def attribute(
 
     Feature stores are kept under ``out_dir/features/<weights>/<settings>/<data>/`` and resumed
     on a rerun; the scores are saved to ``out_dir/scores/<method>/``.
+
+    Inside an initialised ``torch.distributed`` job (e.g. under torchrun) every rank must call
+    it alike: each featurises its block of the training images into its own part store, the
+    kernel is reduced over the ranks, each rank featurises and scores its block of the queries,
+    and rank 0 gathers and saves the scores, which every rank returns.
 
     Args:
         method: A configured method, e.g. ``DAS(DASConfig())``.
@@ -66,8 +74,11 @@ def attribute(
     if isinstance(method, TracIn) and method.config.learning_rates is None:
         rates = tuple(_learning_rate(c) for c in checkpoints)
         method = type(method)(replace(method.config, learning_rates=rates))
-    train_stores: list[FeatureStore] = []
-    query_stores: list[FeatureStore] = []
+    distributed = Distributed.current()
+    own_ids = queries.ids[distributed.block(len(queries))]
+    own_queries = queries.select(own_ids) if len(own_ids) else None
+    train_stores: list[Features] = []
+    query_stores: list[Features] = []
     for checkpoint in checkpoints:
         model_id = checkpoint.weights_id()
         model = checkpoint.load_model(device=device)
@@ -79,23 +90,49 @@ def attribute(
             "device": device,
             "progress": progress,
         }
-        for data, stores, name in (
-            (train, train_stores, "train-" + train.fingerprint()[:16]),
-            (queries, query_stores, "query-" + queries.fingerprint()[:16]),
-        ):
-            stores.append(
+        train_path = base / ("train-" + train.fingerprint()[:16])
+        featurize_train = (
+            partial(featurize_sharded, distributed=distributed) if distributed.active else featurize
+        )
+        train_stores.append(
+            featurize_train(
+                model, checkpoint.scheduler_config, train, method_features, train_path, **common
+            )
+        )
+        if own_queries is not None:
+            query_path = base / ("query-" + own_queries.fingerprint()[:16])
+            query_stores.append(
                 featurize(
                     model,
                     checkpoint.scheduler_config,
-                    data,
+                    own_queries,
                     method_features,
-                    base / name,
+                    query_path,
                     **common,
                 )
             )
-    scores = method.fit(train_stores).score(query_stores)
-    scores.save(out_dir / "scores" / method.name)
+    method.fit(train_stores)
+    local = method.score(query_stores) if own_queries is not None else None
+    scores = _gather(local, distributed)
+    if distributed.rank == 0:
+        scores.save(out_dir / "scores" / method.name)
+    distributed.barrier()
     return scores
+
+
+def _gather(local: Scores | None, distributed: Distributed) -> Scores:
+    """All ranks' score rows, in rank order (ranks without queries send None)."""
+    pieces = [p for p in distributed.all_gather(local) if p is not None]
+    if len(pieces) == 1:
+        return pieces[0]
+    first = pieces[0]
+    return Scores(
+        values=np.concatenate([p.values for p in pieces]),
+        query_ids=np.concatenate([p.query_ids for p in pieces]),
+        train_ids=first.train_ids,
+        method=first.method,
+        settings={**first.settings, "world_size": distributed.world_size},
+    )
 
 
 def _settings_tag(features: FeatureConfig) -> str:

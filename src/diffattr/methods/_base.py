@@ -10,8 +10,11 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from diffattr.errors import ConfigError, StoreMismatchError
-from diffattr.features import FeatureConfig, FeatureStore
+from diffattr.features import FeatureConfig, FeatureStore, ShardedStore
 from diffattr.methods._scores import Scores
+
+#: What methods read features from: one store, or the parts of a distributed featurisation.
+Features = FeatureStore | ShardedStore
 
 
 class AttributionMethod(ABC):
@@ -37,7 +40,7 @@ class AttributionMethod(ABC):
                 f"{type(self).__name__} takes a {self.config_cls.__name__}, "
                 f"got {type(self.config).__name__}"
             )
-        self._train: list[FeatureStore] = []
+        self._train: list[Features] = []
         self._fit_state: list[Any] = []
 
     @abstractmethod
@@ -45,19 +48,19 @@ class AttributionMethod(ABC):
         """Return ``base`` with the output function and normalisation this method needs."""
 
     @abstractmethod
-    def _fit_one(self, train: FeatureStore) -> Any:
+    def _fit_one(self, train: Features) -> Any:
         """Precompute what scoring against one checkpoint's training features needs."""
 
     @abstractmethod
-    def _score_one(self, state: Any, train: FeatureStore, query: FeatureStore) -> np.ndarray:
+    def _score_one(self, state: Any, train: Features, query: Features) -> np.ndarray:
         """Return (n_query, n_train) scores for one checkpoint."""
 
     def _combine(self, per_checkpoint: list[np.ndarray]) -> np.ndarray:
         return np.mean(per_checkpoint, axis=0)
 
-    def fit(self, train: FeatureStore | Sequence[FeatureStore]) -> Self:
+    def fit(self, train: Features | Sequence[Features]) -> Self:
         """Precompute from the training features, one store per checkpoint."""
-        stores = [train] if isinstance(train, FeatureStore) else list(train)
+        stores = list(train) if isinstance(train, list | tuple) else [train]
         if not stores:
             raise ConfigError("fit needs at least one training feature store")
         for store in stores[1:]:
@@ -71,9 +74,9 @@ class AttributionMethod(ABC):
         self._fit_state = [self._fit_one(store) for store in stores]
         return self
 
-    def score(self, query: FeatureStore | Sequence[FeatureStore]) -> Scores:
+    def score(self, query: Features | Sequence[Features]) -> Scores:
         """Score query features (one store per checkpoint, in the order given to :meth:`fit`)."""
-        stores = [query] if isinstance(query, FeatureStore) else list(query)
+        stores = list(query) if isinstance(query, list | tuple) else [query]
         if not self._train:
             raise ConfigError(f"{self.name}: call fit() before score()")
         if len(stores) != len(self._train):
@@ -105,7 +108,7 @@ class AttributionMethod(ABC):
     def _extra_settings(self) -> dict[str, Any]:
         return {}
 
-    def _check_features(self, store: FeatureStore) -> None:
+    def _check_features(self, store: Features) -> None:
         made_with = store.settings.get("features", {})
         wanted = self.features(FeatureConfig.from_dict(made_with)).to_dict()
         for key in ("output", "normalize"):
@@ -115,7 +118,7 @@ class AttributionMethod(ABC):
                     f"{self.name} needs {wanted[key]!r}"
                 )
 
-    def _check_pair(self, train: FeatureStore, query: FeatureStore) -> None:
+    def _check_pair(self, train: Features, query: Features) -> None:
         self._check_features(query)
         for key in ("model_id", "features", "scheduler", "parameter_count"):
             if train.settings.get(key) != query.settings.get(key):

@@ -18,8 +18,8 @@ import numpy as np
 import scipy.linalg
 
 from diffattr.errors import ConfigError
-from diffattr.features import FeatureConfig, FeatureStore, OutputConfig
-from diffattr.methods._base import AttributionMethod
+from diffattr.features import FeatureConfig, OutputConfig, ShardedStore
+from diffattr.methods._base import AttributionMethod, Features
 
 Transform = Literal["linear", "squared", "signed_square"]
 #: Training rows per block when accumulating the kernel and scoring.
@@ -60,21 +60,31 @@ class Kernel:
         return scipy.linalg.cho_solve(self.factor, rhs)
 
 
-def fit_kernel(features: np.ndarray, damping: float) -> Kernel:
+def fit_kernel(features: Any, damping: float) -> Kernel:
     """Factorise K = Phi^T Phi + lambda I, lambda = damping * trace(Phi^T Phi) / k.
 
     Args:
-        features: (N, r, k) training features (a memmap is read in blocks).
+        features: (N, r, k) training features: an array or memmap (read in blocks), or a
+            :class:`~diffattr.features.ShardedStore`'s, whose rows are split over the ranks of a
+            distributed job: each rank then sums its own rows and the sums are all-reduced.
         damping: Relative damping; 0 needs Phi^T Phi to be positive definite.
 
     Raises:
         ConfigError: The kernel is singular (give a damping > 0).
     """
+    if isinstance(features, ShardedStore):
+        rows, reduce = features.local_rows, features.distributed.all_reduce_sum
+        features = features.array("features")
+    else:
+        rows, reduce = slice(0, len(features)), None
     k = features.shape[-1]
     gram = np.zeros((k, k))
-    for start in range(0, len(features), _BLOCK):
-        block = np.asarray(features[start : start + _BLOCK], dtype=np.float64).reshape(-1, k)
+    for start in range(rows.start, rows.stop, _BLOCK):
+        stop = min(start + _BLOCK, rows.stop)
+        block = np.asarray(features[start:stop], dtype=np.float64).reshape(-1, k)
         gram += block.T @ block
+    if reduce is not None:
+        gram = reduce(gram)
     mean_eigenvalue = float(np.trace(gram)) / k
     lam = damping * mean_eigenvalue
     gram[np.diag_indices(k)] += lam
@@ -85,6 +95,12 @@ def fit_kernel(features: np.ndarray, damping: float) -> Kernel:
             f"the kernel Phi^T Phi + lambda I is singular (lambda={lam:g}); use damping > 0"
         ) from err
     return Kernel(factor=factor, lam=lam, mean_eigenvalue=mean_eigenvalue)
+
+
+def _kernel_of(train: Features, damping: float) -> Kernel:
+    return fit_kernel(
+        train if isinstance(train, ShardedStore) else train.array("features"), damping
+    )
 
 
 def _transform(values: np.ndarray, transform: Transform) -> np.ndarray:
@@ -103,10 +119,10 @@ class _KernelMethod(AttributionMethod):
     def features(self, base: FeatureConfig) -> FeatureConfig:
         return replace(base, output=OutputConfig(kind=self.output_kind), normalize=False)
 
-    def _fit_one(self, train: FeatureStore) -> Kernel:
-        return fit_kernel(train.array("features"), self.config.damping)
+    def _fit_one(self, train: Features) -> Kernel:
+        return _kernel_of(train, self.config.damping)
 
-    def _score_one(self, state: Kernel, train: FeatureStore, query: FeatureStore) -> np.ndarray:
+    def _score_one(self, state: Kernel, train: Features, query: Features) -> np.ndarray:
         queries = np.asarray(query.array("features"), dtype=np.float64)
         n_query, r, k = queries.shape
         # A = Q K^-1, computed once; then one matrix product per block of training rows.
@@ -235,9 +251,9 @@ class DAS(AttributionMethod):
         )
         return replace(base, output=output)
 
-    def _fit_one(self, train: FeatureStore) -> tuple[Kernel, np.ndarray]:
+    def _fit_one(self, train: Features) -> tuple[Kernel, np.ndarray]:
         features = train.array("features")
-        kernel = fit_kernel(features, self.config.damping)
+        kernel = _kernel_of(train, self.config.damping)
         weights = self._residual_weights(train)  # (N, r)
         n, r, k = features.shape
         # v_i = K^-1 J_i^T (I - L_ii)^-1 rho_i for every training sample, in blocks.
@@ -253,7 +269,7 @@ class DAS(AttributionMethod):
         return kernel, directions
 
     def _score_one(
-        self, state: tuple[Kernel, np.ndarray], train: FeatureStore, query: FeatureStore
+        self, state: tuple[Kernel, np.ndarray], train: Features, query: Features
     ) -> np.ndarray:
         _, directions = state
         queries = np.asarray(query.array("features"), dtype=np.float64)  # (q, r, k)
@@ -262,7 +278,7 @@ class DAS(AttributionMethod):
             return (change**2).sum(axis=2)
         return _transform(change[:, :, 0], self.config.transform)
 
-    def _residual_weights(self, train: FeatureStore) -> np.ndarray:
+    def _residual_weights(self, train: Features) -> np.ndarray:
         n = train.n
         if self.config.residual == "none":
             return np.ones((n, 1))

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from diffattr.errors import ConfigError
-from diffattr.features import FeatureConfig, FeatureStore, OutputConfig
-from diffattr.methods._base import AttributionMethod
+from diffattr.features import FeatureConfig, OutputConfig
+from diffattr.methods._base import AttributionMethod, Features
 
 #: Training rows per block when scoring.
 _BLOCK = 4096
 
 
-def _dot_scores(train: FeatureStore, query: FeatureStore, *, cosine: bool) -> np.ndarray:
+def _dot_scores(train: Features, query: Features, *, cosine: bool) -> np.ndarray:
     # np.array copies: a float64 store's memmap is read-only and must not be scaled in place.
     queries = np.array(query.array("features"), dtype=np.float64).reshape(query.n, -1)
     if cosine:
@@ -60,10 +60,10 @@ class TracIn(AttributionMethod):
     def features(self, base: FeatureConfig) -> FeatureConfig:
         return replace(base, output=OutputConfig(kind="loss"), normalize=self.normalize)
 
-    def _fit_one(self, train: FeatureStore) -> None:
+    def _fit_one(self, train: Features) -> None:
         return None
 
-    def _score_one(self, state: None, train: FeatureStore, query: FeatureStore) -> np.ndarray:
+    def _score_one(self, state: None, train: Features, query: Features) -> np.ndarray:
         return _dot_scores(train, query, cosine=False)
 
     def _combine(self, per_checkpoint: list[np.ndarray]) -> np.ndarray:
@@ -95,10 +95,10 @@ class GradDot(AttributionMethod):
     def features(self, base: FeatureConfig) -> FeatureConfig:
         return replace(base, output=OutputConfig(kind="loss"), normalize=False)
 
-    def _fit_one(self, train: FeatureStore) -> None:
+    def _fit_one(self, train: Features) -> None:
         return None
 
-    def _score_one(self, state: None, train: FeatureStore, query: FeatureStore) -> np.ndarray:
+    def _score_one(self, state: None, train: Features, query: Features) -> np.ndarray:
         return _dot_scores(train, query, cosine=self.cosine)
 
 
