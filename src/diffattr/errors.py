@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DiffattrError",
+    "ReportError",
     "StoreCorruptError",
     "StoreError",
     "StoreIncompleteError",
@@ -69,3 +70,7 @@ class StoreCorruptError(StoreError):
 
 class BenchmarkError(DiffattrError, OSError):
     """An LDS benchmark is missing pieces, of another format, or does not match its inputs."""
+
+
+class ReportError(DiffattrError, ValueError):
+    """A run directory lacks what a report needs, or its scores and images do not match."""

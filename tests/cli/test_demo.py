@@ -26,3 +26,6 @@ def test_demo_samples_are_recognisable_digits(tmp_path: Path) -> None:
     top = json.loads((tmp_path / "attribution" / "top.json").read_text())["top5"]
     assert len(top) == 64
     assert all(len(ids) == 5 for ids in top.values())
+    assert summary["report"] == str(tmp_path / "report.html")
+    assert (tmp_path / "report" / "top-das.png").is_file()
+    assert '<article class="query" id="query-49">' in (tmp_path / "report.html").read_text()

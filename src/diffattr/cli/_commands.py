@@ -14,7 +14,7 @@ import torch
 
 from diffattr._device import resolve_device
 from diffattr._io import write_json
-from diffattr.cli._options import dataclass_from_args, reject_foreign_options
+from diffattr.cli._options import dataclass_from_args, given_options, reject_foreign_options
 from diffattr.data import (
     ImageDataset,
     load_dataset,
@@ -52,6 +52,7 @@ from diffattr.models import (
     train as train_model,
 )
 from diffattr.models._checkpoint import CHECKPOINT_FILE
+from diffattr.report import record_run, write_report
 
 #: The demo's training length: enough for clean digits from unet-tiny (see README for timings).
 DEMO_STEPS = 4000
@@ -209,6 +210,13 @@ def demo(args: argparse.Namespace) -> None:
         device=str(device),
         progress=not args.quiet,
     )
+    record_run(
+        attribution,
+        method.name,
+        [checkpoint.path],
+        str(npz),
+        {"method": method.name, "timesteps": DEMO_TIMESTEPS, "proj_dim": DEMO_PROJ_DIM},
+    )
     top = {int(q): scores.top_k(int(q), 5)[0].tolist() for q in scores.query_ids}
     write_json(attribution / "top.json", {"method": method.name, "top5": top})
     save_grid(
@@ -216,6 +224,7 @@ def demo(args: argparse.Namespace) -> None:
         attribution / "top.png",
         nrow=6,
     )
+    report = write_report(attribution, out / "report.html")
     seconds = time.perf_counter() - began
     write_json(
         out / "summary.json",
@@ -225,6 +234,7 @@ def demo(args: argparse.Namespace) -> None:
             "checkpoint": str(checkpoint.path),
             "samples": str(npz),
             "scores": str(attribution / "scores" / method.name),
+            "report": str(report),
         },
     )
     print(f"\ndemo finished in {seconds:.0f} s on {device}")
@@ -238,7 +248,8 @@ def demo(args: argparse.Namespace) -> None:
     print(
         f"checkpoint: {checkpoint.path}\nsamples:    {npz}\n"
         f"grid:       {out / 'samples/grid.png'}\n"
-        f"top images: {attribution / 'top.png'} (rows: a generated digit, then its top 5)"
+        f"top images: {attribution / 'top.png'} (rows: a generated digit, then its top 5)\n"
+        f"report:     {report} (open it in a browser)"
     )
 
 
@@ -339,6 +350,7 @@ def attribute(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     seconds = time.perf_counter() - began
+    record_run(args.out, scores.method, args.checkpoints, args.queries, _command_settings(args))
     _print_top(args, scores)
     print(
         f"{method.name}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
@@ -386,6 +398,7 @@ def _attribute_model_free(
         scores = pixel_cosine_scores(queries, train_data)
         heatmaps = []
     scores.save(Path(args.out) / "scores" / scores.method)
+    record_run(args.out, scores.method, args.checkpoints, args.queries, _command_settings(args))
     _print_top(args, scores)
     print(
         f"{scores.method}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
@@ -434,6 +447,13 @@ def _save_heatmaps(
 @dataclass(frozen=True)
 class _NoSettings:
     """The settings of a method that has none."""
+
+
+def _command_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given to ``attribute``, for run.json; the scores hold the resolved settings."""
+    recorded_elsewhere = {"run", "method_options", "checkpoints", "queries", "out"}
+    display = {"debug", "quiet", "show", "show_top"}
+    return given_options(args, recorded_elsewhere | display)
 
 
 def _print_top(args: argparse.Namespace, scores: Scores) -> None:

@@ -67,6 +67,18 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **base: Any) -> Any
     return cls(**values)
 
 
+def given_options(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
+    """The options that were given or have a default, by name, with an explicit ``none`` as None.
+
+    Options left unset (None) and those in ``skip`` are left out.
+    """
+    return {
+        name: None if value is _NONE else value
+        for name, value in sorted(vars(args).items())
+        if name not in skip and value is not None
+    }
+
+
 def reject_foreign_options(
     args: argparse.Namespace, names: list[str], cls: type, what: str
 ) -> None:

@@ -1,0 +1,10 @@
+"""The attribution report: one self-contained HTML page per run, and PNG figures for papers.
+
+The report renders saved artifacts (scores, ``run.json``, NDA heatmaps, LDS results) and never
+recomputes them.
+"""
+
+from diffattr.report._report import write_report
+from diffattr.report._run import RUN_FILE, record_run
+
+__all__ = ["RUN_FILE", "record_run", "write_report"]
