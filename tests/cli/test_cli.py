@@ -271,3 +271,14 @@ def test_console_script_runs() -> None:
     assert "unet-tiny" in result.stdout
     assert "unet-cifar" in result.stdout
     assert "mlp-tiny" in result.stdout
+
+
+def test_plan_prints_memory_disk_and_time(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--model", "mlp-tiny", "--n-train", "200", "--n-queries", "10"]
+    assert main([*argv, "--proj-dim", "32", "--batch-size", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp-tiny: 528,704 parameters; 210 images x 10 timesteps, k = 32" in out
+    assert "disk for the feature stores: 0.000 GB" in out
+    assert "projection matrix: kept in memory" in out
+    assert main([*argv, "--proj-dim", "32", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_samples"] == 210

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffattr._version import __version__
-from diffattr.cli import _commands, _lds, _report
+from diffattr.cli import _commands, _lds, _plan, _report
 from diffattr.cli._commands import MODEL_FREE_METHODS
 from diffattr.cli._options import add_dataclass_options
 from diffattr.errors import DiffattrError
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lds.add_parser(commands)
     _report.add_parser(commands)
     _lds.add_counterfactual_parser(commands)
+    _plan.add_parser(commands)
 
     models = commands.add_parser("models", help="list the built-in model configurations")
     models.set_defaults(run=_commands.models)

@@ -5,12 +5,14 @@ from diffattr.features._engine import FeatureConfig, featurize
 from diffattr.features._gradients import GradientComputer, select_parameters
 from diffattr.features._outputs import OutputConfig
 from diffattr.features._plan import Plan, PlanConfig
+from diffattr.features._planner import FeaturePlanEstimate, estimate_featurization
 from diffattr.features._projection import ProjectionConfig, Projector, make_projector
 from diffattr.features._store import FeatureStore
 
 __all__ = [
     "Distributed",
     "FeatureConfig",
+    "FeaturePlanEstimate",
     "FeatureStore",
     "GradientComputer",
     "OutputConfig",
@@ -19,6 +21,7 @@ __all__ = [
     "ProjectionConfig",
     "Projector",
     "ShardedStore",
+    "estimate_featurization",
     "featurize",
     "featurize_sharded",
     "make_projector",

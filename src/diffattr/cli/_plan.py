@@ -1,0 +1,77 @@
+"""``diffattr plan``: memory, disk and time of an attribution run, before anything long starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from diffattr._device import resolve_device
+from diffattr.features import estimate_featurization
+from diffattr.models import available_models, build_model, default_scheduler_config, model_spec
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``diffattr plan``."""
+    parser = commands.add_parser(
+        "plan", help="expected memory, disk and time of featurising a dataset (a short probe)"
+    )
+    parser.add_argument(
+        "--model",
+        default="unet-tiny",
+        help=f"registry name ({', '.join(available_models())}) or module:factory",
+    )
+    parser.add_argument("--channels", type=int, default=1, help="image channels (default: 1)")
+    parser.add_argument("--image-size", type=int, default=8, help="image side (default: 8)")
+    parser.add_argument("--n-train", type=int, required=True, help="training images")
+    parser.add_argument("--n-queries", type=int, default=100, help="query images (default: 100)")
+    parser.add_argument("--timesteps", type=int, default=10, help="K (default: 10)")
+    parser.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-memory-mb", type=int, default=4096)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    parser.set_defaults(run=plan_command)
+
+
+def plan_command(args: argparse.Namespace) -> None:
+    """Build the model from its config (no weights needed), probe, and print the estimate."""
+    device = resolve_device(args.device)
+    spec = model_spec(args.model, in_channels=args.channels, sample_size=args.image_size)
+    model = build_model(spec).to(device)
+    n = args.n_train + args.n_queries
+    estimate = estimate_featurization(
+        model,
+        default_scheduler_config(),
+        image_shape=(args.channels, args.image_size, args.image_size),
+        n_samples=n,
+        timesteps=args.timesteps,
+        proj_dim=args.proj_dim,
+        batch_size=args.batch_size,
+        max_memory_mb=args.max_memory_mb,
+        device=device,
+    )
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+        return
+    print(
+        f"{args.model}: {estimate.parameters:,} parameters; {n:,} images x {args.timesteps} "
+        f"timesteps, k = {args.proj_dim}, batch {estimate.batch_size}, on {device}"
+    )
+    print("memory (GB):")
+    for name, value in estimate.memory_bytes.items():
+        print(f"  {name:24s} {value / 1e9:10.3f}")
+    print(f"  {'sum (upper bound)':24s} {estimate.peak_memory_bytes / 1e9:10.3f}")
+    kept = "kept in memory" if estimate.matrix_kept else "regenerated per buffer"
+    print(f"projection matrix: {kept}")
+    print(f"disk for the feature stores: {estimate.disk_bytes / 1e9:.3f} GB")
+    print("time (hours):")
+    for name, value in estimate.seconds.items():
+        print(f"  {name:24s} {value / 3600:10.3f}")
+    print(f"  {'total':24s} {estimate.total_seconds / 3600:10.3f}")
+    probe = estimate.probe
+    print(
+        f"probe: {probe['seconds_per_gradient_pair'] * 1e3:.2f} ms per (image, timestep) "
+        f"gradient, {probe['seconds_per_matrix_element'] * 1e9:.2f} ns per matrix entry, "
+        f"{probe['matmul_gflops']:.0f} GFLOP/s multiply"
+    )

@@ -1,0 +1,182 @@
+"""Memory, disk and time of a featurisation, known before it starts (``diffattr plan``).
+
+Memory and disk follow from the shapes. Time comes from a short probe on the target device:
+one batch of per-sample gradients at one timestep, one block of the projection matrix and
+one projection multiply, each timed after a warm-up, then scaled to the whole run by the same
+arithmetic :func:`~diffattr.features.featurize` follows (the gradients are averaged over the
+plan before they are projected, and a regenerated matrix is made once per buffer of rows).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from diffattr.errors import ConfigError
+from diffattr.features._gradients import GradientComputer
+from diffattr.features._outputs import OutputConfig
+from diffattr.features._projection import dense_block
+
+_MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class FeaturePlanEstimate:
+    """What a featurisation will need; byte counts, seconds, and what they were derived from."""
+
+    parameters: int
+    outputs: int
+    proj_dim: int
+    timesteps: int
+    n_samples: int
+    batch_size: int
+    device: str
+    matrix_kept: bool
+    memory_bytes: dict[str, int]
+    disk_bytes: int
+    seconds: dict[str, float]
+    probe: dict[str, float]
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The sum of the resident pieces (an upper bound: not all live at once)."""
+        return sum(self.memory_bytes.values())
+
+    @property
+    def total_seconds(self) -> float:
+        """Expected featurisation and kernel time."""
+        return sum(self.seconds.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            **asdict(self),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "total_seconds": self.total_seconds,
+        }
+
+
+def estimate_featurization(
+    model: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    *,
+    image_shape: tuple[int, int, int],
+    n_samples: int,
+    timesteps: int,
+    proj_dim: int,
+    output: OutputConfig | None = None,
+    parameters: list[str] | None = None,
+    batch_size: int = 32,
+    max_memory_mb: int = 4096,
+    projection_buffer_mb: int = 1024,
+    device: str | torch.device = "cpu",
+    repeats: int = 2,
+) -> FeaturePlanEstimate:
+    """Estimate the cost of featurising ``n_samples`` images, from a short measured probe.
+
+    Args:
+        model: The model (it is copied by the gradient computer, not changed).
+        scheduler_config: Its noise schedule.
+        image_shape: (C, H, W).
+        n_samples: Training plus query images to featurise.
+        timesteps: K, plan steps per image.
+        proj_dim: k.
+        output: The output function (default: the loss).
+        parameters: Parameter globs (default: all).
+        batch_size: Images per gradient batch (the probe's batch too).
+        max_memory_mb: The projection matrix is kept in memory below this size.
+        projection_buffer_mb: Plan-averaged gradients buffered per projection.
+        device: Where the probe runs, and the run would.
+        repeats: Timed repetitions of each probe (the fastest counts).
+
+    Raises:
+        ConfigError: Non-positive sizes.
+    """
+    for name, value in (("n_samples", n_samples), ("timesteps", timesteps), ("proj_dim", proj_dim)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} is invalid: must be >= 1")
+    device = torch.device(device)
+    output = output or OutputConfig()
+    computer = GradientComputer(
+        model, scheduler_config, output, parameters, dtype=torch.float32, device=device
+    )
+    p, r = computer.num_parameters, computer.num_outputs
+    batch = max(1, min(batch_size, n_samples))
+    x0 = torch.zeros((batch, *image_shape)).uniform_(
+        -1, 1, generator=torch.Generator().manual_seed(0)
+    )
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    grad_seconds = _fastest(lambda: computer.compute(x0, 500, noise), repeats, device)
+    measured_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    matrix_bytes = p * proj_dim * 4
+    kept = matrix_bytes <= max_memory_mb * _MB
+    rows = max(1, min(p, (64 * _MB) // (4 * proj_dim)))
+    gen_seconds = _fastest(
+        lambda: dense_block(0, range(rows), proj_dim, "gaussian", device=device), repeats, device
+    )
+    block = dense_block(0, range(rows), proj_dim, "gaussian", device=device)
+    grads = torch.randn((batch * r, rows), device=device)
+    mm_seconds = _fastest(lambda: grads @ block, repeats, device)
+
+    pairs = n_samples * timesteps
+    buffer_rows = max(batch, (projection_buffer_mb * _MB) // (r * p * 4))
+    regenerations = 1 if kept else -(-n_samples // buffer_rows)
+    seconds = {
+        "gradients": grad_seconds / batch * pairs,
+        "projection_generation": gen_seconds * (p / rows) * regenerations,
+        "projection_multiply": mm_seconds * (p / rows) * (n_samples / batch),
+        "kernel": _kernel_seconds(n_samples, r, proj_dim),
+    }
+    per_sample = r * p * 4
+    memory = {
+        "model_and_copy": 2 * p * 4,
+        "per_sample_gradients": measured_peak or 3 * batch * per_sample,
+        "gradient_buffer": min(buffer_rows, n_samples) * per_sample,
+        "projection_matrix": matrix_bytes if kept else rows * proj_dim * 4,
+        "kernel": 2 * proj_dim**2 * 8,  # Phi^T Phi and its Cholesky factor, float64
+    }
+    # Stored per sample: features (r k), losses and norms (2 K), residuals (K r); float32.
+    disk = n_samples * (r * proj_dim + 2 * timesteps + timesteps * r) * 4
+    return FeaturePlanEstimate(
+        parameters=p,
+        outputs=r,
+        proj_dim=proj_dim,
+        timesteps=timesteps,
+        n_samples=n_samples,
+        batch_size=batch,
+        device=str(device),
+        matrix_kept=kept,
+        memory_bytes={k: int(v) for k, v in memory.items()},
+        disk_bytes=int(disk),
+        seconds=seconds,
+        probe={
+            "seconds_per_gradient_pair": grad_seconds / batch,
+            "seconds_per_matrix_element": gen_seconds / (rows * proj_dim),
+            "matmul_gflops": 2 * batch * r * rows * proj_dim / mm_seconds / 1e9,
+        },
+    )
+
+
+def _kernel_seconds(n: int, r: int, k: int) -> float:
+    # Phi^T Phi in float64: 2 n r k^2 flops at a conservative 20 GFLOP/s, plus the Cholesky.
+    return (2 * n * r * k * k + k**3 / 3) / 20e9
+
+
+def _fastest(fn: Any, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: allocations, kernel selection, first-call overheads
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return best
