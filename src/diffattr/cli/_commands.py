@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from diffattr._device import resolve_device
 from diffattr._io import write_json
@@ -24,7 +26,13 @@ from diffattr.data import (
 )
 from diffattr.errors import ConfigError, DataError
 from diffattr.evaluation import ClassConfidence
-from diffattr.features import FeatureConfig, FeatureStore, PlanConfig, ProjectionConfig
+from diffattr.features import (
+    Distributed,
+    FeatureConfig,
+    FeatureStore,
+    PlanConfig,
+    ProjectionConfig,
+)
 from diffattr.features._store import MANIFEST_FILE
 from diffattr.methods import (
     DAS,
@@ -314,8 +322,12 @@ def attribute(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     checkpoints = [load_checkpoint(path) for path in args.checkpoints]
     if args.method in MODEL_FREE_METHODS:
+        if _launched_by_torchrun():
+            raise ConfigError(f"--method {args.method} runs in one process, not under torchrun")
         _attribute_model_free(args, checkpoints, device)
         return
+    if _launched_by_torchrun():
+        device = _join_process_group(device)
     method_cls = get_method(args.method)
     reject_foreign_options(args, args.method_options, method_cls.config_cls, args.method)
     method = method_cls(dataclass_from_args(method_cls.config_cls, args))
@@ -350,6 +362,8 @@ def attribute(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     seconds = time.perf_counter() - began
+    if Distributed.current().rank != 0:
+        return
     record_run(args.out, scores.method, args.checkpoints, args.queries, _command_settings(args))
     _print_top(args, scores)
     print(
@@ -358,6 +372,20 @@ def attribute(args: argparse.Namespace) -> None:
         f"k={args.proj_dim}, in {seconds:.0f} s on {device}\n"
         f"scores: {Path(args.out) / 'scores' / method.name}"
     )
+
+
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _join_process_group(device: torch.device) -> torch.device:
+    """Join torchrun's job: NCCL with one GPU per local rank, or gloo on the CPU."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def _attribute_model_free(
