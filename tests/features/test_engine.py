@@ -24,6 +24,7 @@ from diffattr.features import (
     featurize,
     make_projector,
 )
+from diffattr.features import _engine as engine
 from diffattr.models import default_scheduler_config
 from tests.methods.helpers import make_model
 
@@ -426,3 +427,36 @@ def test_noise_sharing(model: nn.Module, tmp_path: Path, noise: str) -> None:
         np.testing.assert_array_equal(features[0], features[1])
     else:
         assert not np.allclose(features[0], features[1])
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_features(
+    model: nn.Module,
+    dataset: ImageDataset,
+    reference: dict[str, np.ndarray],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = engine._batch_gradients
+    sizes: list[int] = []
+
+    def tight_memory(computer: object, plan: object, x0: torch.Tensor, *args: object) -> object:
+        sizes.append(len(x0))
+        if len(x0) > 2:
+            raise torch.OutOfMemoryError("simulated: the batch does not fit")
+        return real(computer, plan, x0, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_batch_gradients", tight_memory)
+    with pytest.warns(ResourceWarning, match="retrying with 4"):
+        got = arrays(run(model, dataset, CONFIG, tmp_path / "s", batch_size=8, chunk_size=10))
+    assert sizes[:3] == [8, 4, 2]
+    assert max(sizes[3:]) == 2
+    for name in ARRAYS:
+        assert_same_rows(got[name], reference[name])
+
+    def no_memory(*args: object) -> object:
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(engine, "_batch_gradients", no_memory)
+    refused = pytest.raises(ConfigError, match="out of memory with one image per batch")
+    with refused, pytest.warns(ResourceWarning):
+        run(model, dataset, CONFIG, tmp_path / "t", batch_size=2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -184,12 +185,19 @@ def featurize(
         ids = store.chunk_ids(chunk)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
         buffer: list[torch.Tensor] = []
-        for start in range(0, len(ids), batch_size):
+        start = 0
+        while start < len(ids):
             batch_ids = ids[start : start + batch_size]
             rows = torch.as_tensor([row_of[int(i)] for i in batch_ids])
-            mean_grad, values = _batch_gradients(
-                computer, plan, dataset.images[rows], batch_ids, config.normalize
-            )
+            try:
+                mean_grad, values = _batch_gradients(
+                    computer, plan, dataset.images[rows], batch_ids, config.normalize
+                )
+            except (torch.OutOfMemoryError, MemoryError) as err:
+                # Features are per sample, so a smaller batch changes nothing but memory.
+                batch_size = _smaller_batch(batch_size, err, computer.device)
+                continue
+            start += len(batch_ids)
             buffer.append(mean_grad)
             for name, value in values.items():
                 parts[name].append(value)
@@ -202,6 +210,23 @@ def featurize(
     bar.close()
     store.finalize()
     return FeatureStore.open(path, verify=False)
+
+
+def _smaller_batch(batch_size: int, err: BaseException, device: torch.device) -> int:
+    if batch_size == 1:
+        raise ConfigError(
+            f"out of memory with one image per batch on {device} ({err}); select fewer parameters "
+            "or see `diffattr plan` for what this run needs"
+        ) from err
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller = batch_size // 2
+    warnings.warn(
+        f"out of memory at batch size {batch_size} on {device}: retrying with {smaller}",
+        ResourceWarning,
+        stacklevel=3,
+    )
+    return smaller
 
 
 def _batch_gradients(
