@@ -10,7 +10,8 @@ each score matrix is scored against the ground truth. Settings are the library's
 tuned on these queries; only T (timesteps) and k (projection size) are set here and reported.
 
 Writes ``benchmarks/results/lds-<benchmark>.json`` and ``.md``, and the table between the
-``<!-- lds:<benchmark> -->`` markers of ``benchmarks/README.md``.
+``<!-- lds:<benchmark> -->`` markers of ``benchmarks/README.md``; each row's scores are kept
+under ``RUN/<benchmark>/rows/<row>/<query set>/``.
 """
 
 from __future__ import annotations
@@ -180,6 +181,8 @@ def main() -> None:
             began = time.perf_counter()
             scores = score(queries)
             seconds = time.perf_counter() - began
+            # Each row's scores are kept (methods share a name, e.g. the DAS variants).
+            scores.save(run / "rows" / re.sub(r"[^a-z0-9]+", "-", label.lower()) / query_set)
             result = lds_score(benchmark, scores, query_set, n_bootstrap=args.bootstrap)
             results.append((label, result, seconds))
             print(
