@@ -83,8 +83,12 @@ def test_noise_seeds_are_derived_per_step() -> None:
     assert len(set(plan.noise_seeds)) == 3
 
 
+def test_shared_noise_is_the_default() -> None:
+    assert PlanConfig().noise == "shared"
+
+
 def test_per_sample_noise_depends_only_on_step_and_id() -> None:
-    plan = build(num_steps=3, seed=1)
+    plan = build(num_steps=3, seed=1, noise="per_sample")
     shape = (1, 4, 4)
     noise = plan.noise_for(1, [5, 9, 2], shape)
     assert noise.shape == (3, 1, 4, 4)

@@ -499,8 +499,8 @@ def test_das_reference_residual(stores: StoreFactory) -> None:
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_das_default_signed_residual(stores: StoreFactory, normalize: bool) -> None:
-    method = DAS(DASConfig(transform="linear"))
+def test_das_signed_residual(stores: StoreFactory, normalize: bool) -> None:
+    method = DAS(DASConfig(transform="linear", residual="signed"))
     features = method.features(replace(BASE64, normalize=normalize))
     train, query = stores(features, "train"), stores(features, "query")
     linear, leverage = das_parts(train, query, 1e-2)
@@ -509,6 +509,13 @@ def test_das_default_signed_residual(stores: StoreFactory, normalize: bool) -> N
         residuals = residuals / np.asarray(train.array("grad_norms"), dtype=np.float64)
     weight = residuals.mean(axis=1) / (1 - leverage)
     assert_scores_close(method.fit(train).score(query).values, linear * weight)
+
+
+def test_das_residual_default_is_rms_with_one_output_and_signed_with_several() -> None:
+    assert DASConfig().residual == "rms"
+    assert DASConfig(output="output_projection", num_directions=1).residual == "rms"
+    assert DASConfig(output="output_projection", num_directions=3).residual == "signed"
+    assert DASConfig(residual="none").residual == "none"
 
 
 def test_das_output_projection_formula(stores: StoreFactory) -> None:

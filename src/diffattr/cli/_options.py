@@ -95,8 +95,10 @@ _NONE = object()
 
 
 def _parser_for(hint: Any) -> Any:
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    if isinstance(hint, types.UnionType):
+    # `int | None` is a types.UnionType; `Literal[...] | None` is a typing.Union.
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    optional = union and type(None) in typing.get_args(hint)
+    if union:
         rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         if len(rest) != 1:
             return None

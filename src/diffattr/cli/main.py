@@ -122,7 +122,13 @@ def _add_attribute_parser(commands: Any) -> None:
     plan = attribute.add_argument_group("timestep plan")
     plan.add_argument("--timesteps", type=int, default=10, help="K plan steps (default: 10)")
     plan.add_argument("--plan", choices=["uniform", "cumulative", "random"], default="uniform")
-    plan.add_argument("--noise", choices=["per_sample", "shared"], default="per_sample")
+    plan.add_argument(
+        "--noise",
+        choices=["shared", "per_sample"],
+        default="shared",
+        help="shared: one noise draw per step for every image, so that features compare images "
+        "rather than noise draws (default); per_sample: each image its own draw",
+    )
     plan.add_argument("--plan-seed", type=int, default=0)
     projection = attribute.add_argument_group("projection")
     projection.add_argument(

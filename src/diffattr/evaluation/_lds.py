@@ -161,6 +161,8 @@ def truth_plans(config: LDSConfig, query_set: str, num_train_timesteps: int) -> 
             PlanConfig(
                 strategy="uniform",
                 num_steps=min(config.truth_timesteps, num_train_timesteps),
+                # Each query its own noise: the truth averages over more draws that way.
+                noise="per_sample",
                 seed=derive_seed(config.seed, "truth", query_set, r),
             ),
             num_train_timesteps,

@@ -39,10 +39,10 @@ class PlanConfig:
         default=None, metadata={"help": "the timesteps of an explicit plan, in [0, T)"}
     )
     noise: NoiseMode = field(
-        default="per_sample",
+        default="shared",
         metadata={
-            "help": "per_sample: each sample its own noise draw; shared: one draw per step for "
-            "every sample (common random numbers)"
+            "help": "shared: one noise draw per step for every sample (common random numbers); "
+            "per_sample: each sample its own draw"
         },
     )
     seed: int = field(default=0, metadata={"help": "root seed of the random timesteps and noise"})

@@ -192,16 +192,23 @@ class DASConfig(KernelConfig):
     leverage: bool = field(
         default=True, metadata={"help": "Sherman-Morrison leverage correction (I - L_ii)^-1"}
     )
-    residual: Residual = field(
-        default="signed",
+    residual: Residual | None = field(
+        default=None,
         metadata={
-            "help": "signed: the compressed residual of z_i (exact for linear models); "
-            "rms: sqrt of its mean loss; reference: the DAS code's normalised form; none"
+            "help": "rms: sqrt of z_i's mean loss, the expected residual size (default with one "
+            "output); signed: its compressed residual at the plan's draws (exact for linear "
+            "models; default and only choice with several outputs); reference: the DAS code's "
+            "normalised form; none"
         },
     )
 
     def __post_init__(self) -> None:
         KernelConfig.__post_init__(self)
+        if self.residual is None:
+            # The squared score is an expectation over the noise, where the residual enters as
+            # E[r_i^2] = the mean loss; one draw's signed residual estimates it very noisily.
+            several = self.output == "output_projection" and self.num_directions > 1
+            object.__setattr__(self, "residual", "signed" if several else "rms")
         if self.residual not in ("signed", "rms", "reference", "none"):
             raise ConfigError(
                 f"residual={self.residual!r} is invalid: must be signed, rms, reference or none"
