@@ -83,6 +83,23 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def read_format(
+    path: str | os.PathLike[str], fmt: str, version: int, error: type[Exception]
+) -> dict[str, Any]:
+    """Read a JSON description of format ``fmt`` at ``version``, raising ``error`` if it is not.
+
+    ``error`` gets the reason: unreadable or invalid JSON, another format, or another version.
+    """
+    try:
+        doc = read_json(path)
+    except ValueError as err:
+        raise error(str(err)) from err
+    problem = format_problem(doc, Path(path), fmt, version)
+    if problem:
+        raise error(problem)
+    return doc
+
+
 def format_problem(doc: dict[str, Any], path: Path, fmt: str, version: int) -> str | None:
     """Say why a JSON description is not of format ``fmt`` at ``version``; None if it is."""
     if doc.get("format") != fmt:

@@ -35,7 +35,7 @@ from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from diffattr._config import is_int, known_fields
-from diffattr._io import format_problem, read_json, sha256_file, write_json, write_npy, write_npz
+from diffattr._io import read_format, sha256_file, write_json, write_npy, write_npz
 from diffattr._seed import derive_seed, generator
 from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_npz, save_grid
@@ -379,14 +379,7 @@ class LDSBenchmark:
         file = path / BENCHMARK_FILE
         if not file.is_file():
             raise BenchmarkError(f"{path}: not an LDS benchmark (no {BENCHMARK_FILE})")
-        try:
-            record = read_json(file)
-        except ValueError as err:
-            raise BenchmarkError(str(err)) from err
-        problem = format_problem(record, file, FORMAT, FORMAT_VERSION)
-        if problem:
-            raise BenchmarkError(problem)
-        return cls(path, record)
+        return cls(path, read_format(file, FORMAT, FORMAT_VERSION, BenchmarkError))
 
     def train_data(self) -> ImageDataset:
         """Reload the training images, in the order of :attr:`train_ids`."""

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json
+from diffattr._io import atomic_write, read_format, read_json, sha256_file, write_json
 from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_from_source
 from diffattr.errors import CheckpointError, DataError
@@ -220,13 +220,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not doc_path.is_file():
         raise CheckpointError(f"{path}: not a diffattr checkpoint (no {CHECKPOINT_FILE})")
-    try:
-        doc = read_json(doc_path)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from err
-    problem = format_problem(doc, doc_path, FORMAT, FORMAT_VERSION)
-    if problem:
-        raise CheckpointError(problem)
+    doc = read_format(doc_path, FORMAT, FORMAT_VERSION, CheckpointError)
     try:
         files = {role: str(entry["file"]) for role, entry in doc["files"].items()}
         hashes = {role: str(entry["sha256"]) for role, entry in doc["files"].items()}

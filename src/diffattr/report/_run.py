@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from diffattr._io import format_problem, read_json, write_json
+from diffattr._io import read_format, read_json, write_json
 from diffattr.data import ImageDataset, load_dataset
 from diffattr.errors import ReportError
 from diffattr.methods import Scores
@@ -117,13 +117,7 @@ def _new_run() -> dict[str, Any]:
 
 
 def _read_run(path: Path) -> dict[str, Any]:
-    try:
-        doc = read_json(path)
-    except ValueError as err:
-        raise ReportError(str(err)) from None
-    problem = format_problem(doc, path, _FORMAT, _FORMAT_VERSION)
-    if problem:
-        raise ReportError(problem)
+    doc = read_format(path, _FORMAT, _FORMAT_VERSION, ReportError)
     if not isinstance(doc.get("methods"), dict):
         raise ReportError(f"{path}: no 'methods' object")
     return doc
