@@ -30,6 +30,7 @@ from diffattr._io import write_json, write_npz
 from diffattr._seed import generator
 from diffattr.data import ImageDataset, save_grid
 from diffattr.errors import ConfigError, DataError
+from diffattr.methods import Scores
 from diffattr.models import Checkpoint, TrainConfig, sample_checkpoint, train
 
 #: Maps images (B, C, H, W) in [-1, 1] to feature rows (B, d) for the feature distance.
@@ -94,7 +95,7 @@ class CounterfactualResult:
 def counterfactual(
     base: Checkpoint,
     queries: ImageDataset,
-    scores: Mapping[str, Any],
+    scores: Mapping[str, Scores],
     config: CounterfactualConfig,
     out_dir: str | os.PathLike[str],
     *,
@@ -185,7 +186,7 @@ def _sampling(config: CounterfactualConfig) -> dict[str, Any]:
 
 
 def _top_k(
-    scores: Any, seeds: list[int], train_data: ImageDataset, k: int, label: str
+    scores: Scores, seeds: list[int], train_data: ImageDataset, k: int, label: str
 ) -> dict[int, np.ndarray]:
     train_ids = {int(i) for i in train_data.ids}
     if {int(i) for i in scores.train_ids} != train_ids:

@@ -41,6 +41,7 @@ from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_npz, save_grid
 from diffattr.errors import BenchmarkError, ConfigError, DataError
 from diffattr.features import Plan, PlanConfig
+from diffattr.methods import Scores
 from diffattr.models import (
     Checkpoint,
     TrainConfig,
@@ -702,7 +703,7 @@ def noise_ceiling(truth: np.ndarray) -> tuple[float | None, float | None, str | 
 
 def lds_score(
     benchmark: LDSBenchmark,
-    scores: Any,
+    scores: Scores,
     query_set: str,
     *,
     n_bootstrap: int = 1000,
