@@ -124,3 +124,13 @@ def test_model_free_methods_reject_gradient_options(
         [*base, "--method", "pixel-cos", "--patch-size", "3"],
         "--patch-size does not apply to pixel-cos",
     )
+
+
+def test_mixed_precision_option(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run / "attr-bf16"
+    argv = ["attribute", str(run / "ckpt"), "--out", str(out), "--method", "das", *FAST]
+    assert main([*argv, "--mixed-precision", "bf16"]) == 0
+    scores = Scores.load(out / "scores" / "das")
+    assert scores.settings["features"]["mixed_precision"] == "bf16"
+    capsys.readouterr()
+    _expect_error(capsys, [*argv, "--mixed-precision", "tf32"], "CUDA matmul mode")

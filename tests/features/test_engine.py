@@ -460,3 +460,32 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_features(
     refused = pytest.raises(ConfigError, match="out of memory with one image per batch")
     with refused, pytest.warns(ResourceWarning):
         run(model, dataset, CONFIG, tmp_path / "t", batch_size=2)
+
+
+def test_bf16_features_are_close_to_float32_and_recorded(
+    model: nn.Module, dataset: ImageDataset, tmp_path: Path
+) -> None:
+    full = replace(CONFIG, dtype="float32")
+    reference = arrays(run(model, dataset, full, tmp_path / "f32"))
+    store = run(model, dataset, replace(full, mixed_precision="bf16"), tmp_path / "bf16")
+    assert store.settings["features"]["mixed_precision"] == "bf16"
+    got = arrays(store)
+    assert got["features"].dtype == np.float32
+    error = np.linalg.norm(got["features"] - reference["features"], axis=-1)
+    relative = error / np.linalg.norm(reference["features"], axis=-1)
+    assert 0 < relative.max() < 0.05
+    # A bf16 store is not resumed by a float32 run: the precision is part of the settings.
+    with pytest.raises(StoreMismatchError, match="mixed_precision"):
+        run(model, dataset, full, tmp_path / "bf16")
+
+
+def test_mixed_precision_settings_are_checked(
+    model: nn.Module, dataset: ImageDataset, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="needs dtype='float32'"):
+        replace(CONFIG, mixed_precision="bf16", dtype="float64")
+    with pytest.raises(ConfigError, match="mixed_precision='fp8' is invalid"):
+        replace(CONFIG, mixed_precision="fp8")
+    tf32 = replace(CONFIG, dtype="float32", mixed_precision="tf32")
+    with pytest.raises(ConfigError, match="tf32' is a CUDA matmul mode"):
+        run(model, dataset, tf32, tmp_path / "s", device="cpu")

@@ -347,6 +347,7 @@ def attribute(args: argparse.Namespace) -> None:
         ),
         parameters=tuple(args.parameters) if args.parameters else None,
         dtype=args.precision,
+        mixed_precision=args.mixed_precision,
     )
     began = time.perf_counter()
     scores = attribute_images(

@@ -152,6 +152,13 @@ def _add_attribute_parser(commands: Any) -> None:
         help="only parameters matching these globs (e.g. '*attentions*')",
     )
     attribute.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    attribute.add_argument(
+        "--mixed-precision",
+        choices=["none", "bf16", "tf32"],
+        default="none",
+        help="bf16: forward and backward in bfloat16 (projected features within about 1%% of "
+        "float32); tf32: TensorFloat-32 on CUDA; none (default)",
+    )
     attribute.add_argument("--batch-size", type=int, default=32)
     attribute.add_argument("--chunk-size", type=int, default=256)
     attribute.add_argument(

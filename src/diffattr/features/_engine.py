@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,11 +61,27 @@ class FeatureConfig:
     dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "precision of gradients and projection"}
     )
+    mixed_precision: Literal["none", "bf16", "tf32"] = field(
+        default="none",
+        metadata={
+            "help": "bf16: forward and backward in bfloat16, averaging and projection in "
+            "float32; tf32: TensorFloat-32 matmuls and convolutions (CUDA only); none"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(
                 f"FeatureConfig.dtype={self.dtype!r} is invalid: must be one of {sorted(_DTYPES)}"
+            )
+        if self.mixed_precision not in ("none", "bf16", "tf32"):
+            raise ConfigError(
+                f"FeatureConfig.mixed_precision={self.mixed_precision!r} is invalid: must be "
+                "none, bf16 or tf32"
+            )
+        if self.mixed_precision != "none" and self.dtype != "float32":
+            raise ConfigError(
+                f"FeatureConfig.mixed_precision={self.mixed_precision!r} needs dtype='float32'"
             )
         if self.parameters is not None:
             if isinstance(self.parameters, str) or not all(
@@ -84,6 +102,7 @@ class FeatureConfig:
             "parameters": None if self.parameters is None else list(self.parameters),
             "normalize": self.normalize,
             "dtype": self.dtype,
+            "mixed_precision": self.mixed_precision,
         }
 
     @classmethod
@@ -146,8 +165,16 @@ def featurize(
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} is invalid: must be >= 1")
     dtype = _DTYPES[config.dtype]
+    if config.mixed_precision == "tf32" and torch.device(device).type != "cuda":
+        raise ConfigError(f"mixed_precision='tf32' is a CUDA matmul mode; the device is {device}")
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else dtype
     computer = GradientComputer(
-        model, scheduler_config, config.output, config.parameters, dtype=dtype, device=device
+        model,
+        scheduler_config,
+        config.output,
+        config.parameters,
+        dtype=compute_dtype,
+        device=device,
     )
     plan = Plan.build(config.plan, computer.num_train_timesteps)
     projector = make_projector(config.projection, computer.num_parameters, device)
@@ -190,9 +217,10 @@ def featurize(
             batch_ids = ids[start : start + batch_size]
             rows = torch.as_tensor([row_of[int(i)] for i in batch_ids])
             try:
-                mean_grad, values = _batch_gradients(
-                    computer, plan, dataset.images[rows], batch_ids, config.normalize
-                )
+                with _tf32(config.mixed_precision == "tf32"):
+                    mean_grad, values = _batch_gradients(
+                        computer, plan, dataset.images[rows], batch_ids, config.normalize, dtype
+                    )
             except (torch.OutOfMemoryError, MemoryError) as err:
                 # Features are per sample, so a smaller batch changes nothing but memory.
                 batch_size = _smaller_batch(batch_size, err, computer.device)
@@ -229,17 +257,34 @@ def _smaller_batch(batch_size: int, err: BaseException, device: torch.device) ->
     return smaller
 
 
+@contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _batch_gradients(
     computer: GradientComputer,
     plan: Plan,
     x0: torch.Tensor,
     ids: np.ndarray,
     normalize: bool,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """Plan-averaged (optionally per-step normalised) gradients (B, r, p), and per-step aux."""
+    """Plan-averaged (optionally per-step normalised) gradients (B, r, p), and per-step aux.
+
+    The gradients are accumulated in ``dtype`` whatever precision the computer works in.
+    """
     batch, steps, r = len(ids), len(plan), computer.num_outputs
     mean_grad = torch.zeros(
-        (batch, r, computer.num_parameters), dtype=computer.dtype, device=computer.device
+        (batch, r, computer.num_parameters), dtype=dtype, device=computer.device
     )
     losses = torch.empty((batch, steps), dtype=torch.float64)
     norms = torch.empty((batch, steps), dtype=torch.float64)
@@ -247,6 +292,7 @@ def _batch_gradients(
     for step, timestep in enumerate(plan.timesteps):
         noise = plan.noise_for(step, ids, tuple(x0.shape[1:]))
         grads, loss, residual = computer.compute(x0, int(timestep), noise)
+        grads = grads.to(dtype)
         step_norms = grads.flatten(1).norm(dim=1)
         if normalize:
             grads = grads / step_norms.clamp_min(_TINY_NORM)[:, None, None]
