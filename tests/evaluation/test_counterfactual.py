@@ -6,24 +6,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffattr.data import ImageDataset, load_digits, split_dataset
+from diffattr.data import ImageDataset, load_digits
 from diffattr.errors import ConfigError, DataError
 from diffattr.evaluation import ClassConfidence, CounterfactualConfig, counterfactual
 from diffattr.evaluation import _counterfactual as module
 from diffattr.methods import Scores, pixel_cosine_scores
-from diffattr.models import Checkpoint, TrainConfig, model_spec, sample_checkpoint, train
+from diffattr.models import Checkpoint, sample_checkpoint
+
+from .helpers import tiny_base
 
 CONFIG = CounterfactualConfig(k=3, n_random=1, sampler="ddim", sampling_steps=4)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    digits = load_digits()
-    split = split_dataset(digits, query_fraction=0.5, seed=0)
-    train_set = split.train.select(split.train.ids[:30])
-    spec = model_spec("mlp-tiny", in_channels=1, sample_size=8)
-    config = TrainConfig(steps=6, batch_size=8, seed=0, checkpoint_every=0)
-    return train(spec, train_set, config, tmp_path_factory.mktemp("cf") / "base", progress=False)
+    return tiny_base(tmp_path_factory.mktemp("cf") / "base", n_train=30, steps=6)
 
 
 @pytest.fixture(scope="module")

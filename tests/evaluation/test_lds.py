@@ -8,7 +8,6 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from diffattr.data import load_digits, split_dataset
 from diffattr.errors import BenchmarkError, ConfigError, DataError
 from diffattr.evaluation import (
     LDSBenchmark,
@@ -21,7 +20,9 @@ from diffattr.evaluation import (
 )
 from diffattr.evaluation import _lds as lds_module
 from diffattr.methods import Scores
-from diffattr.models import Checkpoint, TrainConfig, model_spec, train
+from diffattr.models import Checkpoint
+
+from .helpers import tiny_base
 
 CONFIG = LDSConfig(num_subsets=4, model_seeds=2, n_heldout=5, n_generated=3, truth_timesteps=8)
 
@@ -127,13 +128,8 @@ def test_config_rejects_invalid_settings(field: str, value: object) -> None:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    digits = load_digits()
-    split = split_dataset(digits, query_fraction=0.5, seed=0)
-    train_set = split.train.select(split.train.ids[:24])
-    spec = model_spec("mlp-tiny", in_channels=1, sample_size=8)
-    config = TrainConfig(steps=8, batch_size=8, seed=0, checkpoint_every=2)
     root = tmp_path_factory.mktemp("lds-base")
-    return train(spec, train_set, config, root / "base", split=split, progress=False)
+    return tiny_base(root / "base", n_train=24, steps=8, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")
