@@ -2,7 +2,9 @@
 
 from diffattr.features._distributed import Distributed, ShardedStore, featurize_sharded
 from diffattr.features._engine import FeatureConfig, featurize
+from diffattr.features._factored import FactoredBatch, FactoredGradientComputer
 from diffattr.features._gradients import GradientComputer, select_parameters
+from diffattr.features._kronecker import KroneckerLayout, KroneckerProjector
 from diffattr.features._outputs import OutputConfig
 from diffattr.features._plan import Plan, PlanConfig
 from diffattr.features._planner import FeaturePlanEstimate, estimate_featurization
@@ -11,10 +13,14 @@ from diffattr.features._store import FeatureStore
 
 __all__ = [
     "Distributed",
+    "FactoredBatch",
+    "FactoredGradientComputer",
     "FeatureConfig",
     "FeaturePlanEstimate",
     "FeatureStore",
     "GradientComputer",
+    "KroneckerLayout",
+    "KroneckerProjector",
     "OutputConfig",
     "Plan",
     "PlanConfig",

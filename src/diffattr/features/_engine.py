@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from diffattr._config import known_fields
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError
+from diffattr.features._factored import FactoredGradientComputer
 from diffattr.features._gradients import GradientComputer
+from diffattr.features._kronecker import KroneckerLayout, KroneckerProjector
 from diffattr.features._outputs import OutputConfig
 from diffattr.features._plan import Plan, PlanConfig
 from diffattr.features._projection import ProjectionConfig, Projector, make_projector
@@ -61,6 +63,13 @@ class FeatureConfig:
     dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "precision of gradients and projection"}
     )
+    backend: Literal["vmap", "factored"] = field(
+        default="vmap",
+        metadata={
+            "help": "vmap: per-sample gradients by torch.func, then the projection; factored: "
+            "kronecker-projected gradients from layer hooks in one batched backward"
+        },
+    )
     mixed_precision: Literal["none", "bf16", "tf32"] = field(
         default="none",
         metadata={
@@ -73,6 +82,15 @@ class FeatureConfig:
         if self.dtype not in _DTYPES:
             raise ConfigError(
                 f"FeatureConfig.dtype={self.dtype!r} is invalid: must be one of {sorted(_DTYPES)}"
+            )
+        if self.backend not in ("vmap", "factored"):
+            raise ConfigError(
+                f"FeatureConfig.backend={self.backend!r} is invalid: must be vmap or factored"
+            )
+        if self.backend == "factored" and self.projection.kind != "kronecker":
+            raise ConfigError(
+                "FeatureConfig.backend='factored' computes kronecker-projected gradients: it "
+                f"needs projection kind 'kronecker', got {self.projection.kind!r}"
             )
         if self.mixed_precision not in ("none", "bf16", "tf32"):
             raise ConfigError(
@@ -102,6 +120,7 @@ class FeatureConfig:
             "parameters": None if self.parameters is None else list(self.parameters),
             "normalize": self.normalize,
             "dtype": self.dtype,
+            "backend": self.backend,
             "mixed_precision": self.mixed_precision,
         }
 
@@ -167,17 +186,8 @@ def featurize(
     dtype = _DTYPES[config.dtype]
     if config.mixed_precision == "tf32" and torch.device(device).type != "cuda":
         raise ConfigError(f"mixed_precision='tf32' is a CUDA matmul mode; the device is {device}")
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else dtype
-    computer = GradientComputer(
-        model,
-        scheduler_config,
-        config.output,
-        config.parameters,
-        dtype=compute_dtype,
-        device=device,
-    )
+    computer, projector = _computer_and_projector(model, scheduler_config, config, device)
     plan = Plan.build(config.plan, computer.num_train_timesteps)
-    projector = make_projector(config.projection, computer.num_parameters, device)
     r, k, steps = computer.num_outputs, projector.proj_dim, len(plan)
     settings = {
         "model_id": model_id,
@@ -226,9 +236,12 @@ def featurize(
                 batch_size = _smaller_batch(batch_size, err, computer.device)
                 continue
             start += len(batch_ids)
-            buffer.append(mean_grad)
             for name, value in values.items():
                 parts[name].append(value)
+            if isinstance(computer, FactoredGradientComputer):
+                parts["features"].append(mean_grad.detach().cpu().numpy())
+            else:
+                buffer.append(mean_grad)
             if sum(len(g) for g in buffer) >= rows_per_projection:
                 parts["features"].append(_project(projector, buffer))
             bar.update(len(batch_ids))
@@ -238,6 +251,38 @@ def featurize(
     bar.close()
     store.finalize()
     return FeatureStore.open(path, verify=False)
+
+
+def _computer_and_projector(
+    model: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    config: FeatureConfig,
+    device: str | torch.device,
+) -> tuple[GradientComputer, Projector]:
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else _DTYPES[config.dtype]
+    if config.backend == "factored":
+        computer = FactoredGradientComputer(
+            model,
+            scheduler_config,
+            config.output,
+            config.projection,
+            config.parameters,
+            dtype=compute_dtype,
+            device=device,
+        )
+        return computer, computer.projector
+    computer = GradientComputer(
+        model,
+        scheduler_config,
+        config.output,
+        config.parameters,
+        dtype=compute_dtype,
+        device=device,
+    )
+    if config.projection.kind == "kronecker":
+        layout = KroneckerLayout(model, computer.parameter_names, config.projection)
+        return computer, KroneckerProjector(layout, device)
+    return computer, make_projector(config.projection, computer.num_parameters, device)
 
 
 def _smaller_batch(batch_size: int, err: BaseException, device: torch.device) -> int:
@@ -280,20 +325,27 @@ def _batch_gradients(
 ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """Plan-averaged (optionally per-step normalised) gradients (B, r, p), and per-step aux.
 
+    With the factored backend the gradients arrive projected: (B, r, k).
+
     The gradients are accumulated in ``dtype`` whatever precision the computer works in.
     """
     batch, steps, r = len(ids), len(plan), computer.num_outputs
-    mean_grad = torch.zeros(
-        (batch, r, computer.num_parameters), dtype=dtype, device=computer.device
-    )
+    factored = isinstance(computer, FactoredGradientComputer)
+    width = computer.proj_dim if factored else computer.num_parameters
+    mean_grad = torch.zeros((batch, r, width), dtype=dtype, device=computer.device)
     losses = torch.empty((batch, steps), dtype=torch.float64)
     norms = torch.empty((batch, steps), dtype=torch.float64)
     residuals = torch.empty((batch, steps, r), dtype=torch.float64)
     for step, timestep in enumerate(plan.timesteps):
         noise = plan.noise_for(step, ids, tuple(x0.shape[1:]))
-        grads, loss, residual = computer.compute(x0, int(timestep), noise)
-        grads = grads.to(dtype)
-        step_norms = grads.flatten(1).norm(dim=1)
+        if factored:
+            # Projected already; the norm is the exact one of the unprojected gradient.
+            grads, step_norms, loss, residual = computer.compute_features(x0, int(timestep), noise)
+            grads, step_norms = grads.to(dtype), step_norms.to(dtype)
+        else:
+            grads, loss, residual = computer.compute(x0, int(timestep), noise)
+            grads = grads.to(dtype)
+            step_norms = grads.flatten(1).norm(dim=1)
         if normalize:
             grads = grads / step_norms.clamp_min(_TINY_NORM)[:, None, None]
         mean_grad.add_(grads, alpha=1 / steps)

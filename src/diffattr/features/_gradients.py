@@ -123,6 +123,9 @@ class GradientComputer:
         ConfigError: Bad parameter patterns, dtype or scheduler prediction type.
     """
 
+    # Under vmap SDPA runs one sample at a time on the CPU; batched backends keep it.
+    _vmapped = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -141,7 +144,8 @@ class GradientComputer:
         # every dtype cast (diffusers 0.42), and every parameter is wanted in ``dtype`` here.
         self._model = nn.Module.to(copy.deepcopy(model), device=self.device, dtype=dtype).eval()
         self.parameter_names = select_parameters(self._model, parameters)
-        use_batchable_attention(self._model)
+        if self._vmapped:
+            use_batchable_attention(self._model)
         channels = _model_setting(self._model, "in_channels")
         self._in_channels = int(channels) if is_int(channels) else None
         self._sample_size = _expected_size(self._model)
@@ -196,32 +200,10 @@ class GradientComputer:
             ConfigError: ``timestep`` is not an integer in [0, T).
             DataError: ``x0`` or ``noise`` has the wrong shape or non-finite values.
         """
-        if isinstance(timestep, bool) or not isinstance(timestep, int):
-            raise ConfigError(f"timestep={timestep!r} is invalid: must be an integer")
-        if not 0 <= timestep < self.num_train_timesteps:
-            raise ConfigError(
-                f"timestep={timestep} is invalid: must be in [0, {self.num_train_timesteps})"
-            )
-        self._check_images(x0, noise)
-        x0 = x0.detach().to(device=self.device, dtype=self.dtype)
-        noise = noise.detach().to(device=self.device, dtype=self.dtype)
-        batch = x0.shape[0]
+        x_t, target = self._noisy_inputs(x0, timestep, noise)
+        batch = x_t.shape[0]
         if batch == 0:
-            like = {"dtype": self.dtype, "device": self.device}
-            empty = torch.empty((0, self.num_outputs, self.num_parameters), **like)
-            return GradientBatch(
-                empty, torch.empty((0,), **like), torch.empty((0, self.num_outputs), **like)
-            )
-
-        abar = self._alphas_cumprod[timestep]
-        signal, sigma = float(abar.sqrt()), float((1 - abar).sqrt())
-        x_t = signal * x0 + sigma * noise
-        if self._prediction_type == "epsilon":
-            target = noise
-        elif self._prediction_type == "v_prediction":
-            target = signal * noise - sigma * x0
-        else:
-            target = x0
+            return self._empty(self.num_parameters)
         t = torch.tensor([timestep], device=self.device)
 
         grads, (losses, residuals) = self._per_sample_fn(tuple(x0.shape[1:]))(
@@ -235,6 +217,38 @@ class GradientComputer:
             dim=2,
         )
         return GradientBatch(flat, losses, residuals)
+
+    def _noisy_inputs(
+        self, x0: torch.Tensor, timestep: int, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the inputs and return (x_t, training target), in the computer's dtype/device."""
+        if isinstance(timestep, bool) or not isinstance(timestep, int):
+            raise ConfigError(f"timestep={timestep!r} is invalid: must be an integer")
+        if not 0 <= timestep < self.num_train_timesteps:
+            raise ConfigError(
+                f"timestep={timestep} is invalid: must be in [0, {self.num_train_timesteps})"
+            )
+        self._check_images(x0, noise)
+        x0 = x0.detach().to(device=self.device, dtype=self.dtype)
+        noise = noise.detach().to(device=self.device, dtype=self.dtype)
+        abar = self._alphas_cumprod[timestep]
+        signal, sigma = float(abar.sqrt()), float((1 - abar).sqrt())
+        x_t = signal * x0 + sigma * noise
+        if self._prediction_type == "epsilon":
+            target = noise
+        elif self._prediction_type == "v_prediction":
+            target = signal * noise - sigma * x0
+        else:
+            target = x0
+        return x_t, target
+
+    def _empty(self, width: int) -> GradientBatch:
+        like = {"dtype": self.dtype, "device": self.device}
+        return GradientBatch(
+            torch.empty((0, self.num_outputs, width), **like),
+            torch.empty((0,), **like),
+            torch.empty((0, self.num_outputs), **like),
+        )
 
     def _per_sample_fn(self, sample_shape: tuple[int, ...]) -> Callable[..., Any]:
         # Built per sample shape: output_projection's directions have D = prod(sample_shape).

@@ -51,7 +51,7 @@ __all__ = [
 #: Name of the integer hash stream; change it whenever the numbers it produces change.
 GENERATOR = "lowbias32-v1"
 
-ProjectionKind = Literal["dense", "sparse", "identity"]
+ProjectionKind = Literal["dense", "sparse", "identity", "kronecker"]
 Distribution = Literal["gaussian", "rademacher"]
 
 _MASK32 = 0xFFFFFFFF
@@ -375,7 +375,10 @@ class ProjectionConfig:
 
     kind: ProjectionKind = field(
         default="dense",
-        metadata={"help": "dense random matrix, sparse JL (nnz per coordinate), or identity"},
+        metadata={
+            "help": "dense random matrix, sparse JL (nnz per coordinate), identity, or "
+            "kronecker (per-layer factors P_out (x) P_in; the factored backend's projection)"
+        },
     )
     distribution: Distribution = field(
         default="gaussian",
@@ -709,6 +712,11 @@ def make_projector(
     Raises:
         ConfigError: If k > p for dense or sparse, nnz > k for sparse, or grad_dim < 1.
     """
+    if config.kind == "kronecker":
+        raise ConfigError(
+            "a kronecker projection follows the model's layers: build it with "
+            "KroneckerProjector(KroneckerLayout(model, parameter_names, config))"
+        )
     if config.kind == "identity":
         return IdentityProjector(config, grad_dim, device)
     if config.kind == "sparse":

@@ -1,0 +1,310 @@
+"""The factored backend: Kronecker-projected per-sample gradients from one batched backward.
+
+A Linear or Conv2d layer's per-sample weight gradient is a sum over positions p (tokens, pixels)
+of outer products, G_b = sum_p delta_{b,p} a_{b,p}^T, with a the layer's input (a conv's input
+patch, padded with a 1 for the bias) and delta the gradient of sample b's output function at the
+layer's output. With the projection P_out (x) P_in of :class:`~._kronecker.KroneckerLayout`,
+
+    P_out^T G_b P_in = sum_p (P_out^T delta_{b,p}) (P_in^T a_{b,p})^T,
+
+so forward hooks keep P_in^T a (for a convolution that is itself a convolution with k_in output
+channels: patches are never unfolded), backward hooks project delta, and one einsum over
+positions gives every sample's k_out x k_in block. Per-sample gradients never exist. One
+ordinary batched backward of sum_b f(sample b) gives every sample's delta because no layer mixes
+samples (models that would, e.g. BatchNorm without running statistics, are refused).
+
+The unnormalised gradient norm, which per-step normalisation needs, is exact: per layer either
+the "ghost norm" ||G_b||^2 = sum_{p,q} (delta_p . delta_q)(a_p . a_q) (cost P^2 (d_in + d_out))
+or the layer's G_b formed one layer at a time (cost P d_in d_out), whichever is cheaper.
+Normalisation scales and shifts, and biases without their weight, get exact per-sample
+gradients from the same hooks and go to the layout's dense "rest" projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.nn import functional as F  # noqa: N812
+
+from diffattr.errors import ConfigError, DataError
+from diffattr.features._gradients import GradientComputer
+from diffattr.features._kronecker import KroneckerLayout, KroneckerProjector, LayerBlock
+from diffattr.features._outputs import OutputConfig, OutputFunction
+from diffattr.features._projection import ProjectionConfig
+from diffattr.models import predict
+
+
+class FactoredBatch(NamedTuple):
+    """What :meth:`FactoredGradientComputer.compute_features` returns for B samples."""
+
+    features: Tensor
+    norms: Tensor
+    losses: Tensor
+    residuals: Tensor
+
+
+class FactoredGradientComputer(GradientComputer):
+    """Kronecker-projected per-sample gradients of an output function, at one timestep.
+
+    Same model handling, inputs and outputs as :class:`GradientComputer` (which it extends: its
+    :meth:`~GradientComputer.compute` still gives exact per-sample gradients by vmap, useful to
+    check this one), plus :meth:`compute_features`.
+
+    Args:
+        model: A module called as ``model(x_t, t)`` with a batch of timesteps ``t``.
+        scheduler_config: The noise schedule.
+        output: The output function.
+        projection: A ``kind="kronecker"`` projection: total k, seed, distribution.
+        parameters: Parameter globs (None: all); every selected parameter must be a Linear or
+            Conv2d weight or bias, or a GroupNorm/LayerNorm scale or shift.
+        dtype: The computation's dtype (bfloat16 projects in float32).
+        device: The computation's device.
+
+    Attributes:
+        layout: The layers and their (k_out, k_in).
+        projector: The same map applied to flattened gradients (the reference).
+        proj_dim: k.
+
+    Raises:
+        ConfigError: Uncovered parameters, a grouped convolution, a too small k, or a layer
+            that mixes the samples of a batch.
+    """
+
+    _vmapped = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheduler_config: dict[str, Any],
+        output: OutputConfig,
+        projection: ProjectionConfig,
+        parameters: Sequence[str] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(model, scheduler_config, output, parameters, dtype=dtype, device=device)
+        _refuse_batch_coupling(self._model)
+        # Only activations are differentiated: the hooks build the projected weight gradients.
+        self._model.requires_grad_(False)
+        self.layout = KroneckerLayout(self._model, self.parameter_names, projection)
+        self.projector = KroneckerProjector(self.layout, self.device)
+        self.proj_dim = self.layout.proj_dim
+        self._work_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        self._modules = dict(self._model.named_modules())
+        self._rest_modules: dict[str, list[int]] = {}
+        for index, rest in enumerate(self.layout.rest):
+            self._rest_modules.setdefault(rest.module, []).append(index)
+        self._output_fns: dict[tuple[int, ...], Callable[..., Tensor]] = {}
+
+    def compute_features(self, x0: Tensor, timestep: int, noise: Tensor) -> FactoredBatch:
+        """Return each sample's projected output gradients, gradient norm, loss and residuals.
+
+        Args:
+            x0: Tensor (B, C, H, W) of clean images.
+            timestep: t in [0, T).
+            noise: Tensor (B, C, H, W).
+
+        Returns:
+            A :class:`FactoredBatch`: features (B, r, k), the factored projection of each
+            output's gradient; norms (B,), each sample's exact gradient norm over all r outputs
+            (what per-step normalisation divides by); losses and residuals as in
+            :meth:`GradientComputer.compute`.
+
+        Raises:
+            ConfigError: A bad timestep, or a covered module that runs twice in one forward.
+            DataError: Bad images or noise.
+        """
+        x_t, target = self._noisy_inputs(x0, timestep, noise)
+        batch, r = x_t.shape[0], self.num_outputs
+        if batch == 0:
+            empty = self._empty(self.proj_dim)
+            return FactoredBatch(empty.grads, empty.losses[:0], empty.losses, empty.residuals)
+        capture = _Capture(self, batch)
+        handles = [
+            self._modules[block.module].register_forward_hook(partial(capture.on_layer, block))
+            for block in self.layout.blocks
+        ] + [
+            self._modules[name].register_forward_hook(partial(capture.on_rest, name, indices))
+            for name, indices in self._rest_modules.items()
+        ]
+        output_fn = self._batched_output(tuple(x_t.shape[1:]))
+        try:
+            with torch.enable_grad():
+                t = torch.full((batch,), timestep, device=self.device)
+                prediction = predict(self._model, x_t, t)
+                losses = (prediction.detach() - target).square().flatten(1).mean(dim=1)
+                values = output_fn(prediction, target)
+                residuals = output_fn(target, target) - values.detach()
+                if not capture.leaves:
+                    raise ConfigError("no covered layer ran in the model's forward pass")
+                for row in range(r):
+                    capture.row = row
+                    torch.autograd.grad(
+                        values[:, row].sum(),
+                        capture.leaves,
+                        retain_graph=row < r - 1,
+                        allow_unused=True,
+                    )
+        finally:
+            for handle in handles:
+                handle.remove()
+        features, norms = capture.finish()
+        return FactoredBatch(features, norms, losses, residuals)
+
+    def _batched_output(self, sample_shape: tuple[int, ...]) -> Callable[..., Tensor]:
+        if sample_shape not in self._output_fns:
+            output_fn = OutputFunction(
+                self._output, sample_shape, dtype=self.dtype, device=self.device
+            )
+            self._output_fns[sample_shape] = vmap(output_fn)
+        return self._output_fns[sample_shape]
+
+
+class _Capture:
+    """Hook state of one :meth:`FactoredGradientComputer.compute_features` call."""
+
+    def __init__(self, computer: FactoredGradientComputer, batch: int) -> None:
+        self.computer = computer
+        self.batch = batch
+        self.row = 0
+        self.work = computer._work_dtype
+        r, like = computer.num_outputs, {"dtype": computer._work_dtype, "device": computer.device}
+        layout = computer.layout
+        self.blocks = {
+            b.module: torch.zeros((batch, r, b.k_out, b.k_in), **like) for b in layout.blocks
+        }
+        self.rest = [torch.zeros((batch, r, rest.numel), **like) for rest in layout.rest]
+        self.square_norms = torch.zeros((batch,), **like)
+        self.projected_inputs: dict[str, Tensor] = {}
+        self.norm_inputs: dict[str, tuple[str, Tensor]] = {}
+        self.normalised: dict[str, Tensor] = {}
+        self.leaves: list[Tensor] = []
+
+    def _trace(self, name: str, output: Tensor, on_grad: Callable[[Tensor], None]) -> Tensor:
+        if not isinstance(output, Tensor) or output.shape[:1] != (self.batch,):
+            raise DataError(f"{name}: output is not a batch of {self.batch} tensors")
+        if not output.requires_grad:
+            # Nothing before this layer depends on what is differentiated (e.g. the timestep
+            # embedding): start the graph here. The clone keeps later in-place ops legal.
+            leaf = output.detach().requires_grad_(True)
+            self.leaves.append(leaf)
+            output = leaf.clone()
+        elif not self.leaves:
+            raise ConfigError(
+                f"{name}: its output already needs gradients before any covered layer; the "
+                "factored backend needs the model's parameters frozen outside its hooks"
+            )
+        output.register_hook(lambda grad: on_grad(grad.detach()))
+        return output
+
+    def on_layer(self, block: LayerBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any):
+        if block.module in self.projected_inputs:
+            raise ConfigError(
+                f"{block.module} ran twice in one forward pass; the factored backend needs each "
+                "covered layer to run once (leave it out with parameter patterns)"
+            )
+        a = inputs[0].detach().to(self.work)
+        if a.shape[0] != self.batch:
+            raise DataError(f"{block.module}: input is not a batch of {self.batch}")
+        p_out, p_in = self.computer.projector.factors(block, self.work, a.device)
+        weight_cols = block.d_in - (block.bias is not None)
+        if block.kind == "linear":
+            patches = a.reshape(self.batch, -1, weight_cols)
+            projected = patches @ p_in[:weight_cols]
+        else:
+            patches = None
+            kernel = p_in[:weight_cols].T.reshape(-1, *module.weight.shape[1:])
+            projected = module._conv_forward(a, kernel, None).flatten(2).transpose(1, 2)
+        if block.bias is not None:
+            projected = projected + p_in[weight_cols]
+        self.projected_inputs[block.module] = projected
+        positions = projected.shape[1]
+        # Per sample: ghost norm costs P^2 (d_in + d_out), the explicit layer gradient P d_in d_out.
+        ghost = positions * (block.d_in + block.d_out) < block.d_in * block.d_out
+        if patches is None:
+            eye = torch.eye(weight_cols, dtype=self.work, device=a.device)
+            patches = module._conv_forward(
+                a, eye.reshape(weight_cols, *module.weight.shape[1:]), None
+            )
+            patches = patches.flatten(2).transpose(1, 2)
+        if block.bias is not None:
+            patches = F.pad(patches, (0, 1), value=1.0)
+        if ghost:
+            self.norm_inputs[block.module] = ("ghost", patches @ patches.transpose(1, 2))
+        else:
+            self.norm_inputs[block.module] = ("explicit", patches)
+        return self._trace(block.module, output, partial(self.on_layer_grad, block, p_out))
+
+    def on_layer_grad(self, block: LayerBlock, p_out: Tensor, grad: Tensor) -> None:
+        grad = grad.to(self.work)
+        if block.kind == "linear":
+            delta = grad.reshape(self.batch, -1, block.d_out)
+        else:
+            delta = grad.flatten(2).transpose(1, 2)
+        projected = self.projected_inputs[block.module]
+        self.blocks[block.module][:, self.row] += torch.einsum(
+            "bpo,bpi->boi", delta @ p_out, projected
+        )
+        how, held = self.norm_inputs[block.module]
+        if how == "ghost":
+            gram = delta @ delta.transpose(1, 2)
+            self.square_norms += (gram * held).sum(dim=(1, 2))
+        else:
+            layer_grad = torch.einsum("bpo,bpi->boi", delta, held)
+            self.square_norms += layer_grad.square().sum(dim=(1, 2))
+
+    def on_rest(
+        self, name: str, indices: list[int], module: nn.Module, inputs: tuple[Any, ...], output: Any
+    ):
+        a = inputs[0].detach().to(self.work)
+        if isinstance(module, nn.GroupNorm):
+            self.normalised[name] = F.group_norm(a, module.num_groups, eps=module.eps)
+        elif isinstance(module, nn.LayerNorm):
+            self.normalised[name] = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+        return self._trace(name, output, partial(self.on_rest_grad, name, module, indices))
+
+    def on_rest_grad(self, name: str, module: nn.Module, indices: list[int], grad: Tensor) -> None:
+        grad = grad.to(self.work)
+        for index in indices:
+            rest = self.computer.layout.rest[index]
+            grad_of = grad * self.normalised[name] if rest.role == "scale" else grad
+            self.rest[index][:, self.row] += _sum_to_parameter(module, grad_of, self.batch)
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """Return (features (B, r, k), exact gradient norms (B,))."""
+        r = self.computer.num_outputs
+        parts = [self.blocks[block.module].flatten(2) for block in self.computer.layout.blocks]
+        if self.rest:
+            rest = torch.cat(self.rest, dim=2)
+            self.square_norms += rest.square().sum(dim=(1, 2))
+            projected = self.computer.projector.project_rest(rest.reshape(self.batch * r, -1))
+            parts.append(projected.reshape(self.batch, r, -1))
+        return torch.cat(parts, dim=2), self.square_norms.sqrt()
+
+
+def _sum_to_parameter(module: nn.Module, grad: Tensor, batch: int) -> Tensor:
+    """Sum an output gradient over positions to the shape of the module's per-channel parameter."""
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        return grad.reshape(batch, -1, *shape).sum(dim=1).reshape(batch, -1)
+    if isinstance(module, nn.Linear):
+        return grad.reshape(batch, -1, grad.shape[-1]).sum(dim=1)
+    # GroupNorm and Conv2d: channels second.
+    return grad.reshape(batch, grad.shape[1], -1).sum(dim=2)
+
+
+def _refuse_batch_coupling(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise ConfigError(
+                f"{name}: BatchNorm using batch statistics mixes the samples of a batch, so one "
+                "batched backward cannot give per-sample gradients; use backend='vmap'"
+            )
