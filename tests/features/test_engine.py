@@ -489,3 +489,48 @@ def test_mixed_precision_settings_are_checked(
     tf32 = replace(CONFIG, dtype="float32", mixed_precision="tf32")
     with pytest.raises(ConfigError, match="tf32' is a CUDA matmul mode"):
         run(model, dataset, tf32, tmp_path / "s", device="cpu")
+
+
+# ---------------------------------------------------------------------- factored backend
+
+KRONECKER = ProjectionConfig(kind="kronecker", dim=40, seed=3)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [OutputConfig(kind="mean"), OutputConfig(kind="output_projection", num_directions=2)],
+    ids=["mean", "output_projection"],
+)
+def test_factored_backend_equals_vmap_with_the_same_kronecker_projection(
+    model: nn.Module, dataset: ImageDataset, tmp_path: Path, output: OutputConfig
+) -> None:
+    vmap_config = replace(CONFIG, projection=KRONECKER, output=output)
+    factored_config = replace(vmap_config, backend="factored")
+    by_vmap = arrays(run(model, dataset, vmap_config, tmp_path / "vmap"))
+    factored = run(model, dataset, factored_config, tmp_path / "factored")
+    for name, values in arrays(factored).items():
+        assert_same_rows(values, by_vmap[name])
+    assert factored.settings["features"]["backend"] == "factored"
+    layout = factored.settings["projector"]["layout"]
+    assert layout["proj_dim"] == factored.array("features").shape[2] <= KRONECKER.dim
+    assert {"module", "d_out", "d_in", "k_out", "k_in"} <= set(layout["blocks"][0])
+
+
+def test_store_of_the_other_backend_is_refused(
+    model: nn.Module, dataset: ImageDataset, tmp_path: Path
+) -> None:
+    config = replace(CONFIG, projection=KRONECKER)
+    run(model, dataset, config, tmp_path / "s")
+    with pytest.raises(StoreMismatchError, match=r"features\.backend"):
+        run(model, dataset, replace(config, backend="factored"), tmp_path / "s")
+
+
+def test_factored_backend_needs_a_kronecker_projection() -> None:
+    with pytest.raises(ConfigError, match="kronecker"):
+        FeatureConfig(backend="factored")
+    with pytest.raises(ConfigError, match="backend"):
+        FeatureConfig(backend="hooks")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="KroneckerLayout"):
+        make_projector(KRONECKER, 1000)
+    config = FeatureConfig(projection=KRONECKER, backend="factored")
+    assert FeatureConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
