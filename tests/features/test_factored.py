@@ -103,14 +103,16 @@ def test_identity_factors_reproduce_exact_per_sample_gradients_of_a_unet(
     torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=0)
 
 
-def test_random_factors_equal_the_projection_of_exact_gradients() -> None:
+@pytest.mark.parametrize("factored_dim", [300, 3000], ids=["one-stage", "two-stage"])
+def test_random_factors_equal_the_projection_of_exact_gradients(factored_dim: int) -> None:
     model = make_mlp()
     output = OutputConfig(kind="output_projection", num_directions=2, seed=0)
-    projection = ProjectionConfig(kind="kronecker", dim=300, seed=7)
+    projection = ProjectionConfig(kind="kronecker", dim=300, seed=7, factored_dim=factored_dim)
     computer = FactoredGradientComputer(
         model, default_scheduler_config(), output, projection, dtype=torch.float64
     )
     assert computer.proj_dim <= 300
+    assert computer.layout.factored_dim <= factored_dim
     assert computer.layout.rest_dim < computer.layout.rest_numel  # the rest is projected too
     x0, noise = inputs(batch=4, seed=2)
     got = computer.compute_features(x0, TIMESTEP, noise)

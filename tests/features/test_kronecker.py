@@ -27,21 +27,42 @@ def names(net: nn.Module) -> list[str]:
     return [name for name, _ in net.named_parameters()]
 
 
-def layout(dim: int, net: nn.Module | None = None, seed: int = 0) -> KroneckerLayout:
+def layout(
+    dim: int, net: nn.Module | None = None, seed: int = 0, factored_dim: int | None = None
+) -> KroneckerLayout:
+    """A single-stage layout (factored features = k) unless ``factored_dim`` says otherwise."""
     net = net or make_net()
-    return KroneckerLayout(net, names(net), ProjectionConfig(kind="kronecker", dim=dim, seed=seed))
+    config = ProjectionConfig(
+        kind="kronecker", dim=dim, seed=seed, factored_dim=factored_dim or dim
+    )
+    return KroneckerLayout(net, names(net), config)
 
 
 def test_budget_rule() -> None:
     got = layout(300)
     dims = [(b.module, b.d_out, b.d_in) for b in got.blocks]
     assert dims == [("0", 6, 2 * 9 + 1), ("3", 20, 96 + 1), ("5", 5, 20)]
-    # Weights and biases are 2,649 of the 2,701 values: their share of 300 is 294.
+    # Weights and biases are 2,154 of the 2,206 values: their share of 300 is 292.
     assert got.factor == 12
     assert [(b.k_out, b.k_in) for b in got.blocks] == [(6, 12), (12, 12), (5, 12)]
     assert got.rest_numel == 2 * 6 + 2 * 20
     assert got.rest_dim == 300 - (72 + 144 + 60)
-    assert got.proj_dim == 300
+    assert got.proj_dim == got.factored_dim == 300
+    assert KroneckerProjector(got)._final is None
+
+
+def test_two_stages_factored_features_then_sparse_to_k() -> None:
+    got = layout(100, factored_dim=1000)
+    assert got.factored_dim == 1000 > got.proj_dim == 100
+    assert got.to_dict()["final"] == "sparse"
+    # The default factored stage is 64 k: here more than every parameter, so whole.
+    default = KroneckerLayout(
+        make_net(), names(make_net()), ProjectionConfig(kind="kronecker", dim=100)
+    )
+    assert default.factored_dim == default.grad_dim
+    assert default.proj_dim == 100
+    grads = torch.randn((3, got.grad_dim), dtype=torch.float64)
+    assert KroneckerProjector(got).project(grads).shape == (3, 100)
 
 
 def test_a_budget_above_the_parameter_count_keeps_everything_whole() -> None:
@@ -67,7 +88,9 @@ def test_projection_preserves_inner_products_on_average() -> None:
     h = 0.6 * g + 0.8 * h  # correlated, so the inner product is far from zero
     ratios = []
     for seed in range(200):
-        projector = KroneckerProjector(layout(150, net, seed=seed))
+        # Alternate single-stage and two-stage layouts: both are unbiased.
+        factored_dim = 150 if seed % 2 else 600
+        projector = KroneckerProjector(layout(150, net, seed=seed, factored_dim=factored_dim))
         pg, ph = projector.project(torch.stack([g, h]))
         ratios.append(float(pg @ ph) / float(g @ h))
     ratios_t = torch.tensor(ratios)
@@ -78,9 +101,11 @@ def test_projection_preserves_inner_products_on_average() -> None:
 
 def test_factors_depend_on_the_layer_not_on_the_other_layers() -> None:
     net = make_net()
-    full = KroneckerLayout(net, names(net), ProjectionConfig(kind="kronecker", dim=300, seed=4))
+    full = layout(300, net, seed=4)
     only_two = KroneckerLayout(
-        net, ["3.weight", "3.bias", "5.weight"], ProjectionConfig(kind="kronecker", dim=210, seed=4)
+        net,
+        ["3.weight", "3.bias", "5.weight"],
+        ProjectionConfig(kind="kronecker", dim=210, factored_dim=210, seed=4),
     )
     block = next(b for b in only_two.blocks if b.module == "5")
     reference = next(b for b in full.blocks if b.module == "5")
@@ -91,7 +116,7 @@ def test_factors_depend_on_the_layer_not_on_the_other_layers() -> None:
         strict=True,
     ):
         assert torch.equal(a, b)
-    other_seed = KroneckerLayout(net, names(net), ProjectionConfig(kind="kronecker", dim=300))
+    other_seed = layout(300, net)
     assert not torch.equal(
         full.factors(full.blocks[1], dtype=torch.float64, device="cpu")[1],
         other_seed.factors(other_seed.blocks[1], dtype=torch.float64, device="cpu")[1],
@@ -117,5 +142,5 @@ def test_other_kinds_and_uncovered_modules_are_refused() -> None:
 
 def test_describe_lists_every_layer_and_the_total() -> None:
     lines = layout(300).describe()
-    assert len(lines) == 3 + 1 + 1
+    assert len(lines) == 3 + 1 + 2  # layers, the rest, factored size, total
     assert lines[-1].strip().startswith("total k = 300")

@@ -285,7 +285,9 @@ class _Capture:
             self.square_norms += rest.square().sum(dim=(1, 2))
             projected = self.computer.projector.project_rest(rest.reshape(self.batch * r, -1))
             parts.append(projected.reshape(self.batch, r, -1))
-        return torch.cat(parts, dim=2), self.square_norms.sqrt()
+        factored = torch.cat(parts, dim=2).reshape(self.batch * r, -1)
+        features = self.computer.projector.project_final(factored)
+        return features.reshape(self.batch, r, -1), self.square_norms.sqrt()
 
 
 def _sum_to_parameter(module: nn.Module, grad: Tensor, batch: int) -> Tensor:

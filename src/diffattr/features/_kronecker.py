@@ -9,17 +9,25 @@ with P_out (d_out x k_out) and P_in (d_in x k_in) drawn independently by :func:`
 (entries N(0, 1/k) or +-1/sqrt(k)), so that vec(P_out^T G P_in) = (P_out (x) P_in)^T vec(G) and
 E ||.||^2 = ||G||^2. A side whose dimension is at most its budget is kept whole (P = identity).
 The selected parameters that are not such weights (normalisation scales and shifts, biases whose
-weight is not selected) form one "rest" vector, projected densely. Features are the layer blocks
-in module order, then the rest.
+weight is not selected) form one "rest" vector, projected densely. The factored features are the
+layer blocks in module order, then the rest; when there are more of them than the wanted k, a
+sparse Johnson-Lindenstrauss projection (``nnz`` per coordinate) maps them to k.
+
+Why two stages: a layer whose gradient has rank one (one position per sample: every layer of an
+MLP, a UNet's timestep embedding) keeps under P_out (x) P_in only k_out + k_in degrees of freedom,
+not k_out k_in, so a Kronecker projection straight to a small k distorts inner products far more
+than a dense one of the same size (``benchmarks/bench_kronecker_error.py``). Large factors, then a
+cheap sparse map to k, keep the factored backend's cost and lose little.
 
 The same map has two implementations: :class:`KroneckerProjector` applies it to flattened
 per-sample gradients (any backend), and the factored backend (``_factored.py``) computes it from
 layer inputs and output gradients without ever forming G.
 
-Budget rule (recorded per layer in the store): the layers get the share of the total k that their
-parameters have of all selected parameters; within it one factor f, the largest with
+Budget rule (recorded per layer in the store): the factored stage may have
+``factored_dim`` features (default 64 k). The layers get the share of it that their parameters
+have of all selected parameters; within that share one factor f, the largest with
 sum_l min(d_out_l, f) min(d_in_l, f) <= share, sets every layer's (k_out, k_in) =
-(min(d_out, f), min(d_in, f)); the rest gets what is left of k, at most its own size.
+(min(d_out, f), min(d_in, f)); the rest gets what is left, at most its own size.
 """
 
 from __future__ import annotations
@@ -38,11 +46,14 @@ from diffattr.features._projection import (
     IdentityProjector,
     ProjectionConfig,
     Projector,
+    SparseProjector,
     dense_block,
 )
 
 __all__ = ["KroneckerLayout", "KroneckerProjector", "LayerBlock", "RestParameter"]
 
+#: Default size of the factored stage, in multiples of the final k.
+_FACTORED_MULTIPLE = 64
 #: Modules whose weight is projected by Kronecker factors.
 FACTORED_TYPES = (nn.Linear, nn.Conv2d)
 #: Modules whose per-sample affine gradients the factored backend computes directly.
@@ -116,14 +127,17 @@ class KroneckerLayout:
         model: The model.
         parameter_names: The selected parameters, in flattening order (see
             :func:`~diffattr.features.select_parameters`).
-        config: Projection settings with ``kind="kronecker"``: ``dim`` is the total k, ``seed``
-            and ``distribution`` make the factors.
+        config: Projection settings with ``kind="kronecker"``: ``dim`` is the final k,
+            ``factored_dim`` the factored stage's budget, ``seed`` and ``distribution`` make the
+            factors, ``nnz`` the final sparse stage.
 
     Attributes:
         blocks: The layer blocks, in module order.
         rest: The other parameters, in ``parameter_names`` order.
         rest_dim: k of the rest's dense projection (0 without rest).
-        proj_dim: The total k: sum of block sizes plus ``rest_dim`` (at most ``config.dim``).
+        factored_dim: Size of the factored stage: block sizes plus ``rest_dim``.
+        proj_dim: The final k: ``config.dim``, or ``factored_dim`` when that is smaller (then
+            there is no sparse stage).
         grad_dim: p, the number of selected parameter values.
 
     Raises:
@@ -194,15 +208,16 @@ class KroneckerLayout:
         self.rest = rest
         rest_numel = sum(r.numel for r in rest)
         covered_numel = sum(d_out * d_in for *_, d_out, d_in in shapes)
-        budget = config.dim
+        stage_budget = config.factored_dim or _FACTORED_MULTIPLE * config.dim
+        budget = stage_budget
         if rest_numel and shapes:
-            budget = config.dim * covered_numel // (covered_numel + rest_numel)
+            budget = stage_budget * covered_numel // (covered_numel + rest_numel)
         factor = _largest_factor([(d_out, d_in) for *_, d_out, d_in in shapes], budget)
         if shapes and factor == 0:
             raise ConfigError(
-                f"ProjectionConfig.dim={config.dim} is too small for a factored projection of "
-                f"{len(shapes)} layers: it needs at least one feature per layer (dim >= "
-                f"{-(-len(shapes) * (covered_numel + rest_numel) // max(covered_numel, 1))})"
+                f"ProjectionConfig.factored_dim={stage_budget} is too small for a factored "
+                f"projection of {len(shapes)} layers: it needs at least one feature per layer "
+                f"(>= {-(-len(shapes) * (covered_numel + rest_numel) // max(covered_numel, 1))})"
             )
         self.blocks = [
             LayerBlock(name, kind, w, b, d_out, d_in, min(d_out, factor), min(d_in, factor))
@@ -210,13 +225,14 @@ class KroneckerLayout:
         ]
         self.factor = factor
         used = sum(block.size for block in self.blocks)
-        self.rest_dim = min(rest_numel, config.dim - used)
+        self.rest_dim = min(rest_numel, stage_budget - used)
         if rest_numel and self.rest_dim < 1:
             raise ConfigError(
-                f"ProjectionConfig.dim={config.dim} leaves no features for the {rest_numel} "
-                "normalisation and bias values; use a larger dim"
+                f"ProjectionConfig.factored_dim={stage_budget} leaves no features for the "
+                f"{rest_numel} normalisation and bias values; use a larger one"
             )
-        self.proj_dim = used + self.rest_dim
+        self.factored_dim = used + self.rest_dim
+        self.proj_dim = min(config.dim, self.factored_dim)
 
     @property
     def rest_numel(self) -> int:
@@ -229,6 +245,8 @@ class KroneckerLayout:
             "factor": self.factor,
             "blocks": [block.to_dict() for block in self.blocks],
             "rest": {"numel": self.rest_numel, "dim": self.rest_dim},
+            "factored_dim": self.factored_dim,
+            "final": "sparse" if self.factored_dim > self.proj_dim else None,
             "proj_dim": self.proj_dim,
         }
 
@@ -259,6 +277,19 @@ class KroneckerLayout:
             return IdentityProjector(config, max(1, self.rest_numel), device)
         return DenseProjector(config, self.rest_numel, device)
 
+    def final_projector(self, device: torch.device | str = "cpu") -> Projector | None:
+        """The sparse map from the factored features to k; None when they are k or fewer."""
+        if self.factored_dim <= self.proj_dim:
+            return None
+        config = ProjectionConfig(
+            kind="sparse",
+            dim=self.proj_dim,
+            nnz=min(self.config.nnz, self.proj_dim),
+            seed=derive_seed(self.config.seed, "kronecker", "final") % (1 << 31),
+            max_memory_mb=self.config.max_memory_mb,
+        )
+        return SparseProjector(config, self.factored_dim, device)
+
     def _factor(
         self,
         block: LayerBlock,
@@ -288,9 +319,13 @@ class KroneckerLayout:
                 f"-> {self.rest_dim:>18d}"
             )
         lines.append(
-            f"  total k = {self.proj_dim} ({len(self.blocks)} layers, factor {self.factor}; "
-            f"p = {self.grad_dim:,})"
+            f"  factored features: {self.factored_dim:,} ({len(self.blocks)} layers, factor "
+            f"{self.factor}; p = {self.grad_dim:,})"
         )
+        if self.factored_dim > self.proj_dim:
+            lines.append(f"  then sparse (nnz {self.config.nnz}) to total k = {self.proj_dim}")
+        else:
+            lines.append(f"  total k = {self.proj_dim} (no second stage)")
         return lines
 
 
@@ -317,6 +352,7 @@ class KroneckerProjector(Projector):
             start += size
         self._offsets = offsets
         self._rest = layout.rest_projector(device) if layout.rest else None
+        self._final = layout.final_projector(device)
         self._factors: dict[tuple[str, torch.dtype, str], tuple[Tensor, Tensor]] = {}
 
     def to_dict(self) -> dict[str, Any]:
@@ -342,7 +378,7 @@ class KroneckerProjector(Projector):
                 [grads[:, slice(*self._offsets[r.name])] for r in self.layout.rest], dim=1
             )
             parts.append(self._rest.project(rest))
-        return torch.cat(parts, dim=1)
+        return self.project_final(torch.cat(parts, dim=1))
 
     def factors(
         self, block: LayerBlock, dtype: torch.dtype, device: torch.device
@@ -355,6 +391,10 @@ class KroneckerProjector(Projector):
         if key not in self._factors:
             self._factors[key] = self.layout.factors(block, dtype=dtype, device=device)
         return self._factors[key]
+
+    def project_final(self, factored: Tensor) -> Tensor:
+        """Map (B, factored_dim) factored features to (B, k) (unchanged without a final stage)."""
+        return factored if self._final is None else self._final.project(factored)
 
     def project_rest(self, rest: Tensor) -> Tensor:
         """Project a (B, rest numel) batch of rest vectors to (B, rest_dim)."""

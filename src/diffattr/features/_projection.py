@@ -387,6 +387,13 @@ class ProjectionConfig:
     dim: int = field(default=1024, metadata={"help": "projection dimension k (not for identity)"})
     seed: int = field(default=0, metadata={"help": "seed of the projection matrix"})
     nnz: int = field(default=4, metadata={"help": "sparse: buckets (non-zeros) per coordinate"})
+    factored_dim: int = field(
+        default=0,
+        metadata={
+            "help": "kronecker: size of the per-layer factored features before the final "
+            "sparse projection to dim (0: 64 x dim; equal to dim: no second stage)"
+        },
+    )
     max_memory_mb: int = field(
         default=2048,
         metadata={"help": "keep the projection state in memory up to this size, else regenerate"},
@@ -402,6 +409,13 @@ class ProjectionConfig:
             "dim": (is_int(self.dim) and self.dim >= 1, "an int >= 1"),
             "seed": (is_int(self.seed), "an int"),
             "nnz": (is_int(self.nnz) and self.nnz >= 1, "an int >= 1"),
+            "factored_dim": (
+                is_int(self.factored_dim)
+                and (
+                    self.factored_dim == 0 or (is_int(self.dim) and self.factored_dim >= self.dim)
+                ),
+                "0 (automatic) or an int >= dim",
+            ),
             "max_memory_mb": (
                 is_int(self.max_memory_mb) and self.max_memory_mb >= 0,
                 "an int >= 0",
