@@ -7,10 +7,12 @@ layer's output. With the projection P_out (x) P_in of :class:`~._kronecker.Krone
 
     P_out^T G_b P_in = sum_p (P_out^T delta_{b,p}) (P_in^T a_{b,p})^T,
 
-so forward hooks keep P_in^T a (for a convolution that is itself a convolution with k_in output
-channels: patches are never unfolded), backward hooks project delta, and one einsum over
-positions gives every sample's k_out x k_in block. Per-sample gradients never exist. One
-ordinary batched backward of sum_b f(sample b) gives every sample's delta because no layer mixes
+so forward hooks keep each covered layer's input (as training keeps it), and its backward hook,
+given delta, projects both sides and sums the outer products over positions in one einsum, for
+all samples of the batch at once. A convolution's input patches are unfolded there, one layer at
+a time (the exact norm below needs them; that is B x P x d_in values for a single layer, freed
+before the next). Per-sample gradients of the whole model never exist. One ordinary batched
+backward of sum_b f(sample b) gives every sample's delta because no layer mixes the batch's
 samples (models that would, e.g. BatchNorm without running statistics, are refused).
 
 The unnormalised gradient norm, which per-step normalisation needs, is exact: per layer either
@@ -181,9 +183,8 @@ class _Capture:
         }
         self.rest = [torch.zeros((batch, r, rest.numel), **like) for rest in layout.rest]
         self.square_norms = torch.zeros((batch,), **like)
-        self.projected_inputs: dict[str, Tensor] = {}
-        self.norm_inputs: dict[str, tuple[str, Tensor]] = {}
-        self.normalised: dict[str, Tensor] = {}
+        self.layer_inputs: dict[str, Tensor] = {}
+        self.patches: dict[str, Tensor] = {}
         self.leaves: list[Tensor] = []
 
     def _trace(self, name: str, output: Tensor, on_grad: Callable[[Tensor], None]) -> Tensor:
@@ -204,76 +205,89 @@ class _Capture:
         return output
 
     def on_layer(self, block: LayerBlock, module: nn.Module, inputs: tuple[Any, ...], output: Any):
-        if block.module in self.projected_inputs:
+        if block.module in self.layer_inputs:
             raise ConfigError(
                 f"{block.module} ran twice in one forward pass; the factored backend needs each "
                 "covered layer to run once (leave it out with parameter patterns)"
             )
-        a = inputs[0].detach().to(self.work)
+        a = inputs[0].detach()
         if a.shape[0] != self.batch:
             raise DataError(f"{block.module}: input is not a batch of {self.batch}")
-        p_out, p_in = self.computer.projector.factors(block, self.work, a.device)
-        weight_cols = block.d_in - (block.bias is not None)
-        if block.kind == "linear":
-            patches = a.reshape(self.batch, -1, weight_cols)
-            projected = patches @ p_in[:weight_cols]
-        else:
-            patches = None
-            kernel = p_in[:weight_cols].T.reshape(-1, *module.weight.shape[1:])
-            projected = module._conv_forward(a, kernel, None).flatten(2).transpose(1, 2)
-        if block.bias is not None:
-            projected = projected + p_in[weight_cols]
-        self.projected_inputs[block.module] = projected
-        positions = projected.shape[1]
-        # Per sample: ghost norm costs P^2 (d_in + d_out), the explicit layer gradient P d_in d_out.
-        ghost = positions * (block.d_in + block.d_out) < block.d_in * block.d_out
-        if patches is None:
-            eye = torch.eye(weight_cols, dtype=self.work, device=a.device)
-            patches = module._conv_forward(
-                a, eye.reshape(weight_cols, *module.weight.shape[1:]), None
-            )
-            patches = patches.flatten(2).transpose(1, 2)
-        if block.bias is not None:
-            patches = F.pad(patches, (0, 1), value=1.0)
-        if ghost:
-            self.norm_inputs[block.module] = ("ghost", patches @ patches.transpose(1, 2))
-        else:
-            self.norm_inputs[block.module] = ("explicit", patches)
-        return self._trace(block.module, output, partial(self.on_layer_grad, block, p_out))
+        # Kept as is (as training keeps it for the weight gradient); patches are made per layer
+        # in the backward hook, so at most one layer's patches exist at a time.
+        self.layer_inputs[block.module] = a
+        return self._trace(block.module, output, partial(self.on_layer_grad, block, module))
 
-    def on_layer_grad(self, block: LayerBlock, p_out: Tensor, grad: Tensor) -> None:
+    def on_layer_grad(self, block: LayerBlock, module: nn.Module, grad: Tensor) -> None:
         grad = grad.to(self.work)
         if block.kind == "linear":
             delta = grad.reshape(self.batch, -1, block.d_out)
         else:
             delta = grad.flatten(2).transpose(1, 2)
-        projected = self.projected_inputs[block.module]
-        self.blocks[block.module][:, self.row] += torch.einsum(
-            "bpo,bpi->boi", delta @ p_out, projected
-        )
-        how, held = self.norm_inputs[block.module]
-        if how == "ghost":
-            gram = delta @ delta.transpose(1, 2)
-            self.square_norms += (gram * held).sum(dim=(1, 2))
-        else:
-            layer_grad = torch.einsum("bpo,bpi->boi", delta, held)
+        patches = self._patches(block, module)
+        p_out, p_in = self.computer.projector.factors(block, self.work, grad.device)
+        whole_in, whole_out = block.k_in == block.d_in, block.k_out == block.d_out
+        if whole_in and whole_out:
+            # The factors are identities: the block is the layer's exact per-sample gradient.
+            layer_grad = torch.einsum("bpo,bpi->boi", delta, patches)
+            self.blocks[block.module][:, self.row] += layer_grad
             self.square_norms += layer_grad.square().sum(dim=(1, 2))
+            return
+        projected_in = patches if whole_in else patches @ p_in
+        projected_out = delta if whole_out else delta @ p_out
+        self.blocks[block.module][:, self.row] += torch.einsum(
+            "bpo,bpi->boi", projected_out, projected_in
+        )
+        positions = patches.shape[1]
+        # Per sample: the ghost norm costs P^2 (d_in + d_out), the layer's gradient P d_in d_out.
+        if positions * (block.d_in + block.d_out) < block.d_in * block.d_out:
+            gram_out = delta @ delta.transpose(1, 2)
+            gram_in = patches @ patches.transpose(1, 2)
+            self.square_norms += (gram_out * gram_in).sum(dim=(1, 2))
+        else:
+            layer_grad = torch.einsum("bpo,bpi->boi", delta, patches)
+            self.square_norms += layer_grad.square().sum(dim=(1, 2))
+
+    def _patches(self, block: LayerBlock, module: nn.Module) -> Tensor:
+        """The layer's inputs per position, (B, P, d_in), with the bias column of ones."""
+        if block.module in self.patches:
+            return self.patches[block.module]
+        a = self.layer_inputs[block.module].to(self.work)
+        if block.kind == "linear":
+            patches = a.reshape(self.batch, -1, module.weight.shape[1])
+        else:
+            assert isinstance(module, nn.Conv2d)
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            padded = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
+            patches = F.unfold(
+                padded, module.kernel_size, dilation=module.dilation, stride=module.stride
+            ).transpose(1, 2)
+        if block.bias is not None:
+            patches = F.pad(patches, (0, 1), value=1.0)
+        if self.computer.num_outputs > 1:
+            self.patches[block.module] = patches  # every output row reuses them
+        return patches
 
     def on_rest(
         self, name: str, indices: list[int], module: nn.Module, inputs: tuple[Any, ...], output: Any
     ):
-        a = inputs[0].detach().to(self.work)
-        if isinstance(module, nn.GroupNorm):
-            self.normalised[name] = F.group_norm(a, module.num_groups, eps=module.eps)
-        elif isinstance(module, nn.LayerNorm):
-            self.normalised[name] = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+        self.layer_inputs[name] = inputs[0].detach()
         return self._trace(name, output, partial(self.on_rest_grad, name, module, indices))
 
     def on_rest_grad(self, name: str, module: nn.Module, indices: list[int], grad: Tensor) -> None:
         grad = grad.to(self.work)
         for index in indices:
             rest = self.computer.layout.rest[index]
-            grad_of = grad * self.normalised[name] if rest.role == "scale" else grad
+            if rest.role == "scale":
+                # d(out)/d(scale) is the normalised input, recomputed here rather than kept.
+                a = self.layer_inputs[name].to(self.work)
+                if isinstance(module, nn.GroupNorm):
+                    normalised = F.group_norm(a, module.num_groups, eps=module.eps)
+                else:
+                    normalised = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+                grad_of = grad * normalised
+            else:
+                grad_of = grad
             self.rest[index][:, self.row] += _sum_to_parameter(module, grad_of, self.batch)
 
     def finish(self) -> tuple[Tensor, Tensor]:
