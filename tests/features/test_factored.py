@@ -13,6 +13,7 @@ from diffattr.features import (
     OutputConfig,
     ProjectionConfig,
 )
+from diffattr.features._factored import explicit_is_cheaper
 from diffattr.features._gradients import use_batchable_attention
 from diffattr.models import build_model, default_scheduler_config, model_spec
 
@@ -119,6 +120,26 @@ def test_random_factors_equal_the_projection_of_exact_gradients(factored_dim: in
     grads = computer.compute(x0, TIMESTEP, noise).grads
     expected = computer.projector.project(grads.reshape(8, -1)).reshape(4, 2, -1)
     torch.testing.assert_close(got.features, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=0)
+
+
+def test_random_factors_on_a_unet_take_both_norm_paths(unet: nn.Module) -> None:
+    """Convolutions (many positions) form their gradient, P = 1 layers use the ghost norm."""
+    projection = ProjectionConfig(kind="kronecker", dim=256, factored_dim=4096, seed=2)
+    computer = FactoredGradientComputer(
+        unet, default_scheduler_config(), OUTPUTS[0], projection, dtype=torch.float64
+    )
+    cheaper = {
+        block.module: explicit_is_cheaper(block, 1 if block.kind == "linear" else 64)
+        for block in computer.layout.blocks
+    }
+    assert cheaper["conv_in"]
+    assert not cheaper["time_embedding.linear_2"]
+    x0, noise = inputs(batch=2)
+    got = computer.compute_features(x0, TIMESTEP, noise)
+    grads = computer.compute(x0, TIMESTEP, noise).grads
+    expected = computer.projector.project(grads.reshape(2, -1)).reshape(2, 1, -1)
+    torch.testing.assert_close(got.features, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got.norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=0)
 
 

@@ -219,54 +219,96 @@ class _Capture:
         return self._trace(block.module, output, partial(self.on_layer_grad, block, module))
 
     def on_layer_grad(self, block: LayerBlock, module: nn.Module, grad: Tensor) -> None:
+        # Channels first, positions last: (B, d_out, P) and (B, d_in, P). A conv's gradient and
+        # unfolded input come this way; a Linear's are transposed views. No copies either way.
         grad = grad.to(self.work)
         if block.kind == "linear":
-            delta = grad.reshape(self.batch, -1, block.d_out)
+            delta = grad.reshape(self.batch, -1, block.d_out).transpose(1, 2)
         else:
-            delta = grad.flatten(2).transpose(1, 2)
-        patches = self._patches(block, module)
+            delta = grad.flatten(2)
+        has_bias = block.bias is not None
+        weight_cols = block.d_in - has_bias
+        delta_sum = delta.sum(dim=2) if has_bias else None  # the bias gradient
         p_out, p_in = self.computer.projector.factors(block, self.work, grad.device)
-        whole_in, whole_out = block.k_in == block.d_in, block.k_out == block.d_out
-        if whole_in and whole_out:
-            # The factors are identities: the block is the layer's exact per-sample gradient.
-            layer_grad = torch.einsum("bpo,bpi->boi", delta, patches)
-            self.blocks[block.module][:, self.row] += layer_grad
+        target = self.blocks[block.module][:, self.row]
+        if explicit_is_cheaper(block, delta.shape[2]):
+            # The layer's exact per-sample gradient (B, d_out, d_in), projected afterwards.
+            layer_grad = self._layer_gradient(block, module, delta)
+            if delta_sum is not None:
+                layer_grad = torch.cat([layer_grad, delta_sum[:, :, None]], dim=2)
             self.square_norms += layer_grad.square().sum(dim=(1, 2))
+            if block.k_in < block.d_in:
+                layer_grad = layer_grad @ p_in
+            if block.k_out < block.d_out:
+                layer_grad = p_out.T @ layer_grad
+            target += layer_grad
             return
-        projected_in = patches if whole_in else patches @ p_in
-        projected_out = delta if whole_out else delta @ p_out
-        self.blocks[block.module][:, self.row] += torch.einsum(
-            "bpo,bpi->boi", projected_out, projected_in
-        )
-        positions = patches.shape[1]
-        # Per sample: the ghost norm costs P^2 (d_in + d_out), the layer's gradient P d_in d_out.
-        if positions * (block.d_in + block.d_out) < block.d_in * block.d_out:
-            gram_out = delta @ delta.transpose(1, 2)
-            gram_in = patches @ patches.transpose(1, 2)
-            self.square_norms += (gram_out * gram_in).sum(dim=(1, 2))
-        else:
-            layer_grad = torch.einsum("bpo,bpi->boi", delta, patches)
-            self.square_norms += layer_grad.square().sum(dim=(1, 2))
+        inputs = self._inputs(block, module)
+        projected_in = p_in[:weight_cols].T @ inputs  # (B, k_in, P)
+        projected_out = p_out.T @ delta  # (B, k_out, P)
+        target += projected_out @ projected_in.transpose(1, 2)
+        if delta_sum is not None:
+            target += (delta_sum @ p_out)[:, :, None] * p_in[weight_cols]
+        # The exact norm without the layer's gradient: the "ghost norm".
+        gram_out = delta.transpose(1, 2) @ delta
+        gram_in = inputs.transpose(1, 2) @ inputs
+        if has_bias:
+            gram_in += 1.0  # the bias column's inputs are ones
+        self.square_norms += (gram_out * gram_in).sum(dim=(1, 2))
 
-    def _patches(self, block: LayerBlock, module: nn.Module) -> Tensor:
-        """The layer's inputs per position, (B, P, d_in), with the bias column of ones."""
+    def _layer_gradient(self, block: LayerBlock, module: nn.Module, delta: Tensor) -> Tensor:
+        """Each sample's weight gradient (B, d_out, d_in without the bias)."""
+        if block.kind == "linear":
+            return delta @ self._inputs(block, module).transpose(1, 2)
+        # A convolution's weight gradient with the batch as groups: per-sample gradients from
+        # the convolution backward kernel, faster than unfolding patches for a matmul.
+        assert isinstance(module, nn.Conv2d)
+        a = self._padded(block, module)
+        batch, channels = a.shape[:2]
+        weight_shape = (batch * block.d_out, *module.weight.shape[1:])
+        grad_out = delta.reshape(1, batch * block.d_out, *self._output_size(module, a))
+        per_sample = torch.nn.grad.conv2d_weight(
+            a.reshape(1, batch * channels, *a.shape[2:]),
+            weight_shape,
+            grad_out,
+            stride=module.stride,
+            dilation=module.dilation,
+            groups=batch,
+        )
+        return per_sample.reshape(batch, block.d_out, -1)
+
+    def _padded(self, block: LayerBlock, module: nn.Conv2d) -> Tensor:
+        """A convolution's input, padded as its forward pads it."""
+        a = self.layer_inputs[block.module].to(self.work)
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
+
+    @staticmethod
+    def _output_size(module: nn.Conv2d, padded: Tensor) -> tuple[int, int]:
+        sizes = []
+        for axis in (0, 1):
+            span = module.dilation[axis] * (module.kernel_size[axis] - 1) + 1
+            sizes.append((padded.shape[2 + axis] - span) // module.stride[axis] + 1)
+        return sizes[0], sizes[1]
+
+    def _inputs(self, block: LayerBlock, module: nn.Module) -> Tensor:
+        """The layer's inputs per position, (B, d_in without the bias, P)."""
         if block.module in self.patches:
             return self.patches[block.module]
-        a = self.layer_inputs[block.module].to(self.work)
         if block.kind == "linear":
-            patches = a.reshape(self.batch, -1, module.weight.shape[1])
+            a = self.layer_inputs[block.module].to(self.work)
+            inputs = a.reshape(self.batch, -1, module.weight.shape[1]).transpose(1, 2)
         else:
             assert isinstance(module, nn.Conv2d)
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            padded = F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
-            patches = F.unfold(
-                padded, module.kernel_size, dilation=module.dilation, stride=module.stride
-            ).transpose(1, 2)
-        if block.bias is not None:
-            patches = F.pad(patches, (0, 1), value=1.0)
+            inputs = F.unfold(
+                self._padded(block, module),
+                module.kernel_size,
+                dilation=module.dilation,
+                stride=module.stride,
+            )
         if self.computer.num_outputs > 1:
-            self.patches[block.module] = patches  # every output row reuses them
-        return patches
+            self.patches[block.module] = inputs  # every output row reuses them
+        return inputs
 
     def on_rest(
         self, name: str, indices: list[int], module: nn.Module, inputs: tuple[Any, ...], output: Any
@@ -302,6 +344,22 @@ class _Capture:
         factored = torch.cat(parts, dim=2).reshape(self.batch * r, -1)
         features = self.computer.projector.project_final(factored)
         return features.reshape(self.batch, r, -1), self.square_norms.sqrt()
+
+
+def explicit_is_cheaper(block: LayerBlock, positions: int) -> bool:
+    """Whether forming the layer's gradient costs fewer multiplies than the factored way.
+
+    Explicit: P d_out d_in for the gradient (which gives the norm too), then the factors.
+    Factored: P (d_in k_in + d_out k_out + k_out k_in) for the features plus the ghost norm,
+    P^2 (d_in + d_out). Both per sample.
+    """
+    d_in, d_out, k_in, k_out = block.d_in, block.d_out, block.k_in, block.k_out
+    explicit = positions * d_out * d_in
+    explicit += d_out * d_in * k_in if k_in < d_in else 0
+    explicit += k_out * d_out * k_in if k_out < d_out else 0
+    factored = positions * (d_in * k_in + d_out * k_out + k_out * k_in)
+    factored += positions * positions * (d_in + d_out)
+    return explicit <= factored
 
 
 def _sum_to_parameter(module: nn.Module, grad: Tensor, batch: int) -> Tensor:
