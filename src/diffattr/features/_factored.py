@@ -233,15 +233,21 @@ class _Capture:
         target = self.blocks[block.module][:, self.row]
         if explicit_is_cheaper(block, delta.shape[2]):
             # The layer's exact per-sample gradient (B, d_out, d_in), projected afterwards.
-            layer_grad = self._layer_gradient(block, module, delta)
+            weight_grad = self._weight_gradient(block, module, grad, delta)
+            self.square_norms += weight_grad.square().sum(dim=(1, 2))
             if delta_sum is not None:
-                layer_grad = torch.cat([layer_grad, delta_sum[:, :, None]], dim=2)
-            self.square_norms += layer_grad.square().sum(dim=(1, 2))
+                self.square_norms += delta_sum.square().sum(dim=1)
+            project_out = block.k_out < block.d_out
             if block.k_in < block.d_in:
-                layer_grad = layer_grad @ p_in
-            if block.k_out < block.d_out:
-                layer_grad = p_out.T @ layer_grad
-            target += layer_grad
+                weight_grad = weight_grad @ p_in[:weight_cols]
+                if delta_sum is not None:
+                    weight_grad += delta_sum[:, :, None] * p_in[weight_cols]
+                target += p_out.T @ weight_grad if project_out else weight_grad
+                return
+            # The input side is whole: the bias gradient is the block's last column.
+            target[:, :, :weight_cols] += p_out.T @ weight_grad if project_out else weight_grad
+            if delta_sum is not None:
+                target[:, :, weight_cols] += delta_sum @ p_out if project_out else delta_sum
             return
         inputs = self._inputs(block, module)
         projected_in = p_in[:weight_cols].T @ inputs  # (B, k_in, P)
@@ -256,22 +262,26 @@ class _Capture:
             gram_in += 1.0  # the bias column's inputs are ones
         self.square_norms += (gram_out * gram_in).sum(dim=(1, 2))
 
-    def _layer_gradient(self, block: LayerBlock, module: nn.Module, delta: Tensor) -> Tensor:
+    def _weight_gradient(
+        self, block: LayerBlock, module: nn.Module, grad: Tensor, delta: Tensor
+    ) -> Tensor:
         """Each sample's weight gradient (B, d_out, d_in without the bias)."""
         if block.kind == "linear":
             return delta @ self._inputs(block, module).transpose(1, 2)
         # A convolution's weight gradient with the batch as groups: per-sample gradients from
         # the convolution backward kernel, faster than unfolding patches for a matmul.
         assert isinstance(module, nn.Conv2d)
-        a = self._padded(block, module)
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            a, padding = self.layer_inputs[block.module].to(self.work), module.padding
+        else:
+            a, padding = self._padded(block, module), (0, 0)
         batch, channels = a.shape[:2]
-        weight_shape = (batch * block.d_out, *module.weight.shape[1:])
-        grad_out = delta.reshape(1, batch * block.d_out, *self._output_size(module, a))
         per_sample = torch.nn.grad.conv2d_weight(
             a.reshape(1, batch * channels, *a.shape[2:]),
-            weight_shape,
-            grad_out,
+            (batch * block.d_out, *module.weight.shape[1:]),
+            grad.reshape(1, batch * block.d_out, *grad.shape[2:]),
             stride=module.stride,
+            padding=padding,
             dilation=module.dilation,
             groups=batch,
         )
@@ -282,14 +292,6 @@ class _Capture:
         a = self.layer_inputs[block.module].to(self.work)
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         return F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
-
-    @staticmethod
-    def _output_size(module: nn.Conv2d, padded: Tensor) -> tuple[int, int]:
-        sizes = []
-        for axis in (0, 1):
-            span = module.dilation[axis] * (module.kernel_size[axis] - 1) + 1
-            sizes.append((padded.shape[2 + axis] - span) // module.stride[axis] + 1)
-        return sizes[0], sizes[1]
 
     def _inputs(self, block: LayerBlock, module: nn.Module) -> Tensor:
         """The layer's inputs per position, (B, d_in without the bias, P)."""
