@@ -42,6 +42,22 @@ def test_attribute_scores_the_held_out_split(
     np.testing.assert_array_equal(Scores.load(out / "scores" / method).values, scores.values)
 
 
+def test_backend_default_and_choice(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["attribute", str(run / "ckpt"), "--method", "das", *FAST]
+    assert main([*base, "--out", str(run / "attr-auto")]) == 0
+    assert "k=16 (factored backend)" in capsys.readouterr().out
+    features = Scores.load(run / "attr-auto" / "scores" / "das").settings["features"]
+    assert (features["backend"], features["projection"]["kind"]) == ("factored", "kronecker")
+    assert main([*base, "--out", str(run / "attr-vmap"), "--backend", "vmap"]) == 0
+    features = Scores.load(run / "attr-vmap" / "scores" / "das").settings["features"]
+    assert (features["backend"], features["projection"]["kind"]) == ("vmap", "dense")
+    _expect_error(
+        capsys,
+        [*base, "--out", str(run / "bad"), "--backend", "factored", "--projection", "sparse"],
+        "--projection sparse needs --backend vmap",
+    )
+
+
 def test_tracin_sums_over_training_snapshots(run: Path) -> None:
     snapshots = sorted(str(p) for p in (run / "ckpt" / "snapshots").iterdir())
     assert len(snapshots) == 3

@@ -279,6 +279,16 @@ def test_plan_prints_memory_disk_and_time(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "mlp-tiny: 528,704 parameters; 210 images x 10 timesteps, k = 32" in out
     assert "disk for the feature stores: 0.000 GB" in out
+    # The default backend, its reason, and the per-layer feature sizes.
+    assert "backend: factored (the default;" in out
+    assert "  blocks.0.fc1 " in out
+    assert "then sparse (nnz 4) to total k = 32" in out
+    vmap = [*argv, "--proj-dim", "32", "--batch-size", "4", "--device", "cpu", "--backend", "vmap"]
+    assert main(vmap) == 0
+    out = capsys.readouterr().out
+    assert "backend: vmap (asked for; the default rule says factored" in out
     assert "projection matrix: kept in memory" in out
     assert main([*argv, "--proj-dim", "32", "--device", "cpu", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n_samples"] == 210
+    estimate = json.loads(capsys.readouterr().out)
+    assert estimate["n_samples"] == 210
+    assert estimate["backend"] == "factored"

@@ -12,6 +12,7 @@ from diffattr.features import (
     GradientComputer,
     OutputConfig,
     ProjectionConfig,
+    select_parameters,
 )
 from diffattr.features._factored import explicit_is_cheaper
 from diffattr.features._gradients import use_batchable_attention
@@ -23,8 +24,16 @@ OUTPUTS = [
     OutputConfig(kind="mean"),
     OutputConfig(kind="output_projection", num_directions=3, seed=4),
 ]
-#: A budget above every layer's size: every factor is the identity.
-WHOLE = ProjectionConfig(kind="kronecker", dim=10**9)
+#: A small projection for the tests of refusals.
+SMALL = ProjectionConfig(kind="kronecker", dim=4)
+
+
+def whole(model: nn.Module, patterns: tuple[str, ...] | None = None) -> ProjectionConfig:
+    """k = p: every factor is the identity and nothing is projected."""
+    p = sum(dict(model.named_parameters())[n].numel() for n in select_parameters(model, patterns))
+    return ProjectionConfig(kind="kronecker", dim=p)
+
+
 TIMESTEP = 321
 
 
@@ -90,7 +99,7 @@ def test_identity_factors_reproduce_exact_per_sample_gradients_of_a_unet(
     unet: nn.Module, output: OutputConfig
 ) -> None:
     computer = FactoredGradientComputer(
-        unet, default_scheduler_config(), output, WHOLE, dtype=torch.float64
+        unet, default_scheduler_config(), output, whole(unet), dtype=torch.float64
     )
     # Every parameter of the UNet (convs, attention projections, norms) is covered.
     assert computer.proj_dim == computer.num_parameters
@@ -158,7 +167,12 @@ def test_a_sample_does_not_depend_on_its_batch(unet: nn.Module) -> None:
 def test_selected_parameters_only(unet: nn.Module) -> None:
     patterns = ("*attentions*", "conv_out.weight", "*time_emb_proj.bias")
     computer = FactoredGradientComputer(
-        unet, default_scheduler_config(), OUTPUTS[0], WHOLE, patterns, dtype=torch.float64
+        unet,
+        default_scheduler_config(),
+        OUTPUTS[0],
+        whole(unet, patterns),
+        patterns,
+        dtype=torch.float64,
     )
     # conv_out's bias is not selected (no bias column); time_emb_proj biases go to the rest.
     conv_out = next(b for b in computer.layout.blocks if b.module == "conv_out")
@@ -224,7 +238,7 @@ class _WithEmbedding(nn.Module):
 
 def test_a_layer_run_twice_is_refused() -> None:
     computer = FactoredGradientComputer(
-        _Twice(), default_scheduler_config(), OUTPUTS[0], WHOLE, dtype=torch.float64
+        _Twice(), default_scheduler_config(), OUTPUTS[0], SMALL, dtype=torch.float64
     )
     x0 = torch.zeros((2, 1, 2, 2), dtype=torch.float64)
     with pytest.raises(ConfigError, match="layer ran twice"):
@@ -234,29 +248,29 @@ def test_a_layer_run_twice_is_refused() -> None:
 def test_batch_statistics_are_refused_running_statistics_are_not() -> None:
     with pytest.raises(ConfigError, match="BatchNorm"):
         FactoredGradientComputer(
-            _WithBatchNorm(track=False), default_scheduler_config(), OUTPUTS[0], WHOLE
+            _WithBatchNorm(track=False), default_scheduler_config(), OUTPUTS[0], SMALL
         )
     # Running statistics (eval mode, which the computer's copy is in) do not mix samples.
     FactoredGradientComputer(
         _WithBatchNorm(track=True),
         default_scheduler_config(),
         OUTPUTS[0],
-        WHOLE,
+        SMALL,
         parameters=("conv.*",),
     )
 
 
 def test_uncovered_parameters_are_named() -> None:
     with pytest.raises(ConfigError, match=r"embed\.weight \(Embedding\)"):
-        FactoredGradientComputer(_WithEmbedding(), default_scheduler_config(), OUTPUTS[0], WHOLE)
+        FactoredGradientComputer(_WithEmbedding(), default_scheduler_config(), OUTPUTS[0], SMALL)
     computer = FactoredGradientComputer(
-        _WithEmbedding(), default_scheduler_config(), OUTPUTS[0], WHOLE, ("layer.*",)
+        _WithEmbedding(), default_scheduler_config(), OUTPUTS[0], SMALL, ("layer.*",)
     )
     assert [b.module for b in computer.layout.blocks] == ["layer"]
 
 
 def test_wrong_images_are_data_errors(unet: nn.Module) -> None:
-    computer = FactoredGradientComputer(unet, default_scheduler_config(), OUTPUTS[0], WHOLE)
+    computer = FactoredGradientComputer(unet, default_scheduler_config(), OUTPUTS[0], SMALL)
     with pytest.raises(DataError, match="expects"):
         computer.compute_features(torch.zeros((2, 1, 6, 6)), 10, torch.zeros((2, 1, 6, 6)))
     with pytest.raises(ConfigError, match="timestep"):
@@ -264,7 +278,7 @@ def test_wrong_images_are_data_errors(unet: nn.Module) -> None:
 
 
 def test_empty_batch(unet: nn.Module) -> None:
-    computer = FactoredGradientComputer(unet, default_scheduler_config(), OUTPUTS[3], WHOLE)
+    computer = FactoredGradientComputer(unet, default_scheduler_config(), OUTPUTS[3], whole(unet))
     empty = torch.zeros((0, 1, 8, 8))
     got = computer.compute_features(empty, 10, empty)
     assert got.features.shape == (0, 3, computer.proj_dim)

@@ -66,14 +66,14 @@ def test_two_stages_factored_features_then_sparse_to_k() -> None:
 
 
 def test_a_budget_above_the_parameter_count_keeps_everything_whole() -> None:
-    got = layout(10**6)
+    got = layout(2206)
     assert all((b.k_out, b.k_in) == (b.d_out, b.d_in) for b in got.blocks)
     assert got.rest_dim == got.rest_numel
     assert got.proj_dim == got.grad_dim
 
 
 def test_whole_factors_are_a_rearrangement() -> None:
-    got = layout(10**6)
+    got = layout(2206)
     projector = KroneckerProjector(got)
     grads = torch.randn((3, got.grad_dim), dtype=torch.float64)
     features = projector.project(grads)
@@ -123,9 +123,11 @@ def test_factors_depend_on_the_layer_not_on_the_other_layers() -> None:
     )
 
 
-def test_too_small_a_budget_is_refused() -> None:
+def test_too_small_or_too_large_a_budget_is_refused() -> None:
     with pytest.raises(ConfigError, match="too small"):
         layout(2)
+    with pytest.raises(ConfigError, match="exceeds the number of parameters"):
+        layout(2207)
 
 
 def test_other_kinds_and_uncovered_modules_are_refused() -> None:

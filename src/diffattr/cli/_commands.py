@@ -32,6 +32,7 @@ from diffattr.features import (
     FeatureStore,
     PlanConfig,
     ProjectionConfig,
+    choose_backend,
 )
 from diffattr.features._store import MANIFEST_FILE
 from diffattr.methods import (
@@ -49,8 +50,10 @@ from diffattr.methods import (
 from diffattr.methods import attribute as attribute_images
 from diffattr.methods._scores import META_FILE as SCORES_META
 from diffattr.models import (
+    Checkpoint,
     TrainConfig,
     available_models,
+    build_model,
     load_checkpoint,
     model_spec,
     sample_checkpoint,
@@ -334,18 +337,21 @@ def attribute(args: argparse.Namespace) -> None:
     train_data, queries = _attribution_data(checkpoints[0], args.queries)
     if args.n_queries is not None:
         queries = queries.select(queries.ids[: args.n_queries])
+    backend, projection_kind = _backend(args, checkpoints[0])
     features = FeatureConfig(
         plan=PlanConfig(
             strategy=args.plan, num_steps=args.timesteps, noise=args.noise, seed=args.plan_seed
         ),
         projection=ProjectionConfig(
-            kind=args.projection,
+            kind=projection_kind,
             dim=args.proj_dim,
             distribution=args.proj_distribution,
             seed=args.proj_seed,
+            factored_dim=args.factored_dim,
             max_memory_mb=args.max_memory_mb,
         ),
         parameters=tuple(args.parameters) if args.parameters else None,
+        backend=backend,
         dtype=args.precision,
         mixed_precision=args.mixed_precision,
     )
@@ -370,9 +376,25 @@ def attribute(args: argparse.Namespace) -> None:
     print(
         f"{method.name}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
         f"images, {len(checkpoints)} checkpoint(s), {args.timesteps} timesteps, "
-        f"k={args.proj_dim}, in {seconds:.0f} s on {device}\n"
+        f"k={args.proj_dim} ({features.backend} backend), in {seconds:.0f} s on {device}\n"
         f"scores: {Path(args.out) / 'scores' / method.name}"
     )
+
+
+def _backend(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[str, str]:
+    """Resolve --backend and --projection "auto" (see :func:`choose_backend`)."""
+    backend = args.backend
+    if backend == "auto":
+        backend = choose_backend(build_model(checkpoint.model_spec), args.parameters).backend
+    projection = args.projection
+    if projection == "auto":
+        projection = "kronecker" if backend == "factored" else "dense"
+    if backend == "factored" and projection != "kronecker":
+        raise ConfigError(
+            f"--backend factored computes Kronecker-projected features; --projection "
+            f"{projection} needs --backend vmap"
+        )
+    return backend, projection
 
 
 def _launched_by_torchrun() -> bool:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from diffattr._device import resolve_device
-from diffattr.features import estimate_featurization
+from diffattr.features import choose_backend, estimate_featurization
 from diffattr.models import available_models, build_model, default_scheduler_config, model_spec
 
 
@@ -27,6 +27,22 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--n-queries", type=int, default=100, help="query images (default: 100)")
     parser.add_argument("--timesteps", type=int, default=10, help="K (default: 10)")
     parser.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "vmap", "factored"],
+        default="auto",
+        help="auto (default): what `diffattr attribute` would use (factored wherever it covers "
+        "the parameters); vmap: per-sample gradients and a dense projection; factored",
+    )
+    parser.add_argument(
+        "--factored-dim",
+        type=int,
+        default=0,
+        help="factored features before the sparse stage (default 0: 64 x k)",
+    )
+    parser.add_argument(
+        "--parameters", nargs="+", metavar="GLOB", help="only parameters matching these globs"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-memory-mb", type=int, default=4096)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -40,6 +56,8 @@ def plan_command(args: argparse.Namespace) -> None:
     spec = model_spec(args.model, in_channels=args.channels, sample_size=args.image_size)
     model = build_model(spec).to(device)
     n = args.n_train + args.n_queries
+    choice = choose_backend(model, args.parameters)
+    backend = choice.backend if args.backend == "auto" else args.backend
     estimate = estimate_featurization(
         model,
         default_scheduler_config(),
@@ -50,26 +68,41 @@ def plan_command(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_memory_mb=args.max_memory_mb,
         device=device,
+        parameters=args.parameters,
+        backend=backend,
+        factored_dim=args.factored_dim,
     )
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
         return
     print(
         f"{args.model}: {estimate.parameters:,} parameters; {n:,} images x {args.timesteps} "
-        f"timesteps, k = {args.proj_dim}, batch {estimate.batch_size}, on {device}"
+        f"timesteps, k = {estimate.proj_dim}, batch {estimate.batch_size}, on {device}"
     )
+    source = "the default" if args.backend == "auto" else "asked for"
+    print(f"backend: {backend} ({source}; the default rule says {choice.backend}: {choice.reason})")
+    if estimate.layout:
+        print("per-layer factored features (d_out x d_in -> k_out x k_in):")
+        print("\n".join(estimate.layout))
     print("memory (GB):")
     for name, value in estimate.memory_bytes.items():
         print(f"  {name:24s} {value / 1e9:10.3f}")
     print(f"  {'sum (upper bound)':24s} {estimate.peak_memory_bytes / 1e9:10.3f}")
-    kept = "kept in memory" if estimate.matrix_kept else "regenerated per buffer"
-    print(f"projection matrix: {kept}")
+    if backend == "vmap":
+        kept = "kept in memory" if estimate.matrix_kept else "regenerated per buffer"
+        print(f"projection matrix: {kept}")
     print(f"disk for the feature stores: {estimate.disk_bytes / 1e9:.3f} GB")
     print("time (hours):")
     for name, value in estimate.seconds.items():
         print(f"  {name:24s} {value / 3600:10.3f}")
     print(f"  {'total':24s} {estimate.total_seconds / 3600:10.3f}")
     probe = estimate.probe
+    if backend == "factored":
+        print(
+            f"probe: {probe['seconds_per_gradient_pair'] * 1e3:.2f} ms per (image, timestep) "
+            "projected gradient"
+        )
+        return
     print(
         f"probe: {probe['seconds_per_gradient_pair'] * 1e3:.2f} ms per (image, timestep) "
         f"gradient, {probe['seconds_per_matrix_element'] * 1e9:.2f} ns per matrix entry, "

@@ -7,11 +7,17 @@ from diffattr.features._gradients import GradientComputer, select_parameters
 from diffattr.features._kronecker import KroneckerLayout, KroneckerProjector
 from diffattr.features._outputs import OutputConfig
 from diffattr.features._plan import Plan, PlanConfig
-from diffattr.features._planner import FeaturePlanEstimate, estimate_featurization
+from diffattr.features._planner import (
+    BackendChoice,
+    FeaturePlanEstimate,
+    choose_backend,
+    estimate_featurization,
+)
 from diffattr.features._projection import ProjectionConfig, Projector, make_projector
 from diffattr.features._store import FeatureStore
 
 __all__ = [
+    "BackendChoice",
     "Distributed",
     "FactoredBatch",
     "FactoredGradientComputer",
@@ -27,6 +33,7 @@ __all__ = [
     "ProjectionConfig",
     "Projector",
     "ShardedStore",
+    "choose_backend",
     "estimate_featurization",
     "featurize",
     "featurize_sharded",

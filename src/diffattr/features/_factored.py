@@ -91,7 +91,7 @@ class FactoredGradientComputer(GradientComputer):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(model, scheduler_config, output, parameters, dtype=dtype, device=device)
-        _refuse_batch_coupling(self._model)
+        refuse_batch_coupling(self._model)
         # Only activations are differentiated: the hooks build the projected weight gradients.
         self._model.requires_grad_(False)
         self.layout = KroneckerLayout(self._model, self.parameter_names, projection)
@@ -375,11 +375,17 @@ def _sum_to_parameter(module: nn.Module, grad: Tensor, batch: int) -> Tensor:
     return grad.reshape(batch, grad.shape[1], -1).sum(dim=2)
 
 
-def _refuse_batch_coupling(model: nn.Module) -> None:
+def refuse_batch_coupling(model: nn.Module) -> None:
+    """Refuse models whose layers mix the samples of a batch in eval mode.
+
+    The computers run a copy of the model in eval mode, where BatchNorm normalises with its
+    running statistics (per sample); without running statistics it uses the batch's.
+
+    Raises:
+        ConfigError: A BatchNorm layer without running statistics.
+    """
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-            module.training or module.running_mean is None
-        ):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
             raise ConfigError(
                 f"{name}: BatchNorm using batch statistics mixes the samples of a batch, so one "
                 "batched backward cannot give per-sample gradients; use backend='vmap'"

@@ -155,6 +155,12 @@ class KroneckerLayout:
         params = dict(model.named_parameters())
         self.parameter_shapes = {name: tuple(params[name].shape) for name in self.parameter_names}
         self.grad_dim = sum(params[name].numel() for name in self.parameter_names)
+        if config.dim > self.grad_dim:
+            raise ConfigError(
+                f"projection dim k={config.dim} exceeds the number of parameters "
+                f"p={self.grad_dim}; use a smaller ProjectionConfig.dim (k = p keeps every "
+                "gradient whole)"
+            )
         selected = set(self.parameter_names)
         owner: dict[str, tuple[str, nn.Module, str]] = {}
         for module_name, module in model.named_modules():
