@@ -19,7 +19,7 @@ The unnormalised gradient norm, which per-step normalisation needs, is exact: pe
 the "ghost norm" ||G_b||^2 = sum_{p,q} (delta_p . delta_q)(a_p . a_q) (cost P^2 (d_in + d_out))
 or the layer's G_b formed one layer at a time (cost P d_in d_out), whichever is cheaper.
 Normalisation scales and shifts, and biases without their weight, get exact per-sample
-gradients from the same hooks and go to the layout's dense "rest" projection.
+gradients from the same hooks and go to the layout's "rest" vector.
 """
 
 from __future__ import annotations

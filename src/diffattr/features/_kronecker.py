@@ -9,9 +9,9 @@ with P_out (d_out x k_out) and P_in (d_in x k_in) drawn independently by :func:`
 (entries N(0, 1/k) or +-1/sqrt(k)), so that vec(P_out^T G P_in) = (P_out (x) P_in)^T vec(G) and
 E ||.||^2 = ||G||^2. A side whose dimension is at most its budget is kept whole (P = identity).
 The selected parameters that are not such weights (normalisation scales and shifts, biases whose
-weight is not selected) form one "rest" vector, projected densely. The factored features are the
-layer blocks in module order, then the rest; when there are more of them than the wanted k, a
-sparse Johnson-Lindenstrauss projection (``nnz`` per coordinate) maps them to k.
+weight is not selected) form one "rest" vector, kept whole or projected sparsely. The factored
+features are the layer blocks in module order, then the rest; when there are more of them than
+the wanted k, a sparse Johnson-Lindenstrauss projection (``nnz`` per coordinate) maps them to k.
 
 Why two stages: a layer whose gradient has rank one (one position per sample: every layer of an
 MLP, a UNet's timestep embedding) keeps under P_out (x) P_in only k_out + k_in degrees of freedom,
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from diffattr._seed import derive_seed
 from diffattr.errors import ConfigError
 from diffattr.features._projection import (
-    DenseProjector,
+    GENERATOR,
     IdentityProjector,
     ProjectionConfig,
     Projector,
@@ -104,7 +104,7 @@ class LayerBlock:
 
 @dataclass(frozen=True, slots=True)
 class RestParameter:
-    """A selected parameter outside the layer blocks, taken whole and projected densely.
+    """A selected parameter outside the layer blocks, taken whole into the "rest" vector.
 
     Attributes:
         name: The parameter's name.
@@ -134,7 +134,7 @@ class KroneckerLayout:
     Attributes:
         blocks: The layer blocks, in module order.
         rest: The other parameters, in ``parameter_names`` order.
-        rest_dim: k of the rest's dense projection (0 without rest).
+        rest_dim: k of the rest's sparse projection (0 without rest).
         factored_dim: Size of the factored stage: block sizes plus ``rest_dim``.
         proj_dim: The final k: ``config.dim``, or ``factored_dim`` when that is smaller (then
             there is no sparse stage).
@@ -250,7 +250,11 @@ class KroneckerLayout:
         return {
             "factor": self.factor,
             "blocks": [block.to_dict() for block in self.blocks],
-            "rest": {"numel": self.rest_numel, "dim": self.rest_dim},
+            "rest": {
+                "numel": self.rest_numel,
+                "dim": self.rest_dim,
+                "projection": "identity" if self.rest_dim == self.rest_numel else "sparse",
+            },
             "factored_dim": self.factored_dim,
             "final": "sparse" if self.factored_dim > self.proj_dim else None,
             "proj_dim": self.proj_dim,
@@ -271,17 +275,21 @@ class KroneckerLayout:
         )
 
     def rest_projector(self, device: torch.device | str = "cpu") -> Projector:
-        """The dense projection of the rest vector (identity when it is kept whole)."""
+        """The sparse projection of the rest vector (identity when it is kept whole).
+
+        Sparse, not dense: the rest is small in parameters but can get thousands of features,
+        and a dense rest_numel x rest_dim matrix would then cost more memory than every factor.
+        """
         config = ProjectionConfig(
-            kind="dense",
-            distribution=self.config.distribution,
+            kind="sparse",
             dim=max(1, self.rest_dim),
+            nnz=min(self.config.nnz, max(1, self.rest_dim)),
             seed=derive_seed(self.config.seed, "kronecker", "rest") % (1 << 31),
             max_memory_mb=self.config.max_memory_mb,
         )
         if self.rest_dim == self.rest_numel:
             return IdentityProjector(config, max(1, self.rest_numel), device)
-        return DenseProjector(config, self.rest_numel, device)
+        return SparseProjector(config, self.rest_numel, device)
 
     def final_projector(self, device: torch.device | str = "cpu") -> Projector | None:
         """The sparse map from the factored features to k; None when they are k or fewer."""
@@ -321,7 +329,7 @@ class KroneckerLayout:
         ]
         if self.rest:
             lines.append(
-                f"  {'norm scales/shifts, other biases':48s} {'dense':6s} {self.rest_numel:>15d} "
+                f"  {'norm scales/shifts, other biases':48s} {'sparse':6s} {self.rest_numel:>15d} "
                 f"-> {self.rest_dim:>18d}"
             )
         lines.append(
@@ -364,7 +372,7 @@ class KroneckerProjector(Projector):
     def to_dict(self) -> dict[str, Any]:
         """See :meth:`Projector.to_dict`; adds the seed, distribution and the layout."""
         extra = {"distribution": self.config.distribution, "seed": self.config.seed}
-        return super().to_dict() | extra | {"layout": self.layout.to_dict()}
+        return super().to_dict() | extra | {"generator": GENERATOR, "layout": self.layout.to_dict()}
 
     def project(self, grads: Tensor) -> Tensor:
         """Return the factored features of ``grads``: (B, p) -> (B, k)."""
