@@ -241,6 +241,16 @@ def test_retrac_refuses_unnormalised_features(stores: StoreFactory) -> None:
         ReTrac().fit(tracin_train)
 
 
+def test_backends_give_the_same_scores_and_are_never_mixed(stores: StoreFactory) -> None:
+    kronecker = replace(BASE, projection=replace(PROJECTION, kind="kronecker"))
+    factored = replace(kronecker, backend="factored")
+    by_vmap = DAS().fit(stores(kronecker, "train")).score(stores(kronecker, "query"))
+    method = DAS().fit(stores(factored, "train"))
+    assert_scores_close(method.score(stores(factored, "query")).values, by_vmap.values)
+    with pytest.raises(StoreMismatchError, match="features"):
+        method.score(stores(kronecker, "query"))
+
+
 def test_method_rejects_config_of_another_method() -> None:
     with pytest.raises(ConfigError):
         DAS(TRAKConfig())
