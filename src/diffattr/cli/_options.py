@@ -14,6 +14,25 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def add_backend_options(parser: Any) -> None:
+    """``--backend`` and ``--factored-dim``, shared by ``attribute`` and ``plan``."""
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "vmap", "factored"],
+        default="auto",
+        help="auto (default): factored wherever every selected parameter is in a Linear, Conv2d "
+        "or normalisation layer, else vmap (the rule and its measurements: `diffattr plan`, "
+        "benchmarks/README.md); vmap: per-sample gradients, then --projection; factored: "
+        "Kronecker-projected gradients from one batched backward",
+    )
+    parser.add_argument(
+        "--factored-dim",
+        type=int,
+        default=0,
+        help="kronecker: factored features before the sparse map to k (default 0: 64 x k)",
+    )
+
+
 def add_dataclass_options(
     parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
 ) -> list[str]:

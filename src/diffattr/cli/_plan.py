@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from diffattr._device import resolve_device
+from diffattr.cli._options import add_backend_options
 from diffattr.features import choose_backend, estimate_featurization
 from diffattr.models import available_models, build_model, default_scheduler_config, model_spec
 
@@ -27,19 +28,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--n-queries", type=int, default=100, help="query images (default: 100)")
     parser.add_argument("--timesteps", type=int, default=10, help="K (default: 10)")
     parser.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
-    parser.add_argument(
-        "--backend",
-        choices=["auto", "vmap", "factored"],
-        default="auto",
-        help="auto (default): what `diffattr attribute` would use (factored wherever it covers "
-        "the parameters); vmap: per-sample gradients and a dense projection; factored",
-    )
-    parser.add_argument(
-        "--factored-dim",
-        type=int,
-        default=0,
-        help="factored features before the sparse stage (default 0: 64 x k)",
-    )
+    add_backend_options(parser)
     parser.add_argument(
         "--parameters", nargs="+", metavar="GLOB", help="only parameters matching these globs"
     )

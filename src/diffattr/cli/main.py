@@ -14,7 +14,7 @@ from typing import Any
 from diffattr._version import __version__
 from diffattr.cli import _commands, _lds, _plan, _report
 from diffattr.cli._commands import MODEL_FREE_METHODS
-from diffattr.cli._options import add_dataclass_options
+from diffattr.cli._options import add_backend_options, add_dataclass_options
 from diffattr.errors import DiffattrError
 from diffattr.methods import METHODS, DASConfig, NDAConfig, TracInConfig
 from diffattr.models import DEFAULT_STEPS, TrainConfig, available_models
@@ -131,27 +131,14 @@ def _add_attribute_parser(commands: Any) -> None:
     )
     plan.add_argument("--plan-seed", type=int, default=0)
     projection = attribute.add_argument_group("projection")
-    projection.add_argument(
-        "--backend",
-        choices=["auto", "vmap", "factored"],
-        default="auto",
-        help="auto (default): factored wherever every selected parameter is in a Linear, Conv2d "
-        "or normalisation layer, else vmap (the rule and its measurements: `diffattr plan`, "
-        "benchmarks/README.md); vmap: per-sample gradients, then --projection; factored: "
-        "Kronecker-projected gradients from one batched backward",
-    )
+    add_backend_options(projection)
     projection.add_argument(
         "--projection",
         choices=["auto", "dense", "sparse", "identity", "kronecker"],
         default="auto",
         help="auto (default): kronecker with the factored backend, dense with vmap",
     )
-    projection.add_argument(
-        "--factored-dim",
-        type=int,
-        default=0,
-        help="kronecker: factored features before the sparse map to k (default 0: 64 x k)",
-    )
+
     projection.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
     projection.add_argument(
         "--proj-distribution", choices=["gaussian", "rademacher"], default="gaussian"

@@ -179,10 +179,7 @@ def estimate_featurization(
     p, r = computer.num_parameters, computer.num_outputs
     batch = max(1, min(batch_size, n_samples))
     x0, noise = _probe_inputs(batch, image_shape, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    grad_seconds = _fastest(lambda: computer.compute(x0, 500, noise), repeats, device)
-    measured_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    grad_seconds, measured_peak = _probe(lambda: computer.compute(x0, 500, noise), repeats, device)
 
     matrix_bytes = p * proj_dim * 4
     kept = matrix_bytes <= max_memory_mb * _MB
@@ -211,8 +208,6 @@ def estimate_featurization(
         "projection_matrix": matrix_bytes if kept else rows * proj_dim * 4,
         "kernel": 2 * proj_dim**2 * 8,  # Phi^T Phi and its Cholesky factor, float64
     }
-    # Stored per sample: features (r k), losses and norms (2 K), residuals (K r); float32.
-    disk = n_samples * (r * proj_dim + 2 * timesteps + timesteps * r) * 4
     return FeaturePlanEstimate(
         backend="vmap",
         parameters=p,
@@ -224,7 +219,7 @@ def estimate_featurization(
         device=str(device),
         matrix_kept=kept,
         memory_bytes={k: int(v) for k, v in memory.items()},
-        disk_bytes=int(disk),
+        disk_bytes=_disk_bytes(n_samples, r, proj_dim, timesteps),
         seconds=seconds,
         probe={
             "seconds_per_gradient_pair": grad_seconds / batch,
@@ -255,10 +250,9 @@ def _estimate_factored(
     p, r, k = computer.num_parameters, computer.num_outputs, computer.proj_dim
     batch = max(1, min(batch_size, n_samples))
     x0, noise = _probe_inputs(batch, image_shape, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds_per_batch = _fastest(lambda: computer.compute_features(x0, 500, noise), repeats, device)
-    measured_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    seconds_per_batch, measured_peak = _probe(
+        lambda: computer.compute_features(x0, 500, noise), repeats, device
+    )
     largest = max((block.d_out * block.d_in for block in layout.blocks), default=0)
     memory = {
         "model_and_copy": 2 * p * 4,
@@ -281,7 +275,7 @@ def _estimate_factored(
         device=str(device),
         matrix_kept=True,
         memory_bytes={key: int(value) for key, value in memory.items()},
-        disk_bytes=int(n_samples * (r * k + 2 * timesteps + timesteps * r) * 4),
+        disk_bytes=_disk_bytes(n_samples, r, k, timesteps),
         seconds={
             "gradients": seconds_per_batch / batch * n_samples * timesteps,
             "kernel": _kernel_seconds(n_samples, r, k),
@@ -299,6 +293,19 @@ def _probe_inputs(
     )
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     return x0.to(device), noise.to(device)
+
+
+def _probe(fn: Any, repeats: int, device: torch.device) -> tuple[float, int | None]:
+    """The fastest time of ``fn`` and, on CUDA, its peak allocated memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _fastest(fn, repeats, device)
+    return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _disk_bytes(n_samples: int, r: int, k: int, timesteps: int) -> int:
+    # Stored per sample: features (r k), losses and norms (2 K), residuals (K r); float32.
+    return n_samples * (r * k + 2 * timesteps + timesteps * r) * 4
 
 
 def _kernel_seconds(n: int, r: int, k: int) -> float:
