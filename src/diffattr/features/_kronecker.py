@@ -142,7 +142,8 @@ class KroneckerLayout:
 
     Raises:
         ConfigError: A selected parameter belongs to a module the factored projection does not
-            cover, a grouped convolution, or ``dim`` smaller than the number of layers.
+            cover, a grouped convolution, ``dim`` above p, or a factored budget without one
+            feature per layer.
     """
 
     def __init__(

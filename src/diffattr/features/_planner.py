@@ -39,7 +39,7 @@ def choose_backend(model: torch.nn.Module, parameters: list[str] | None = None) 
     The rule, from measurements on this repository's benchmarks (``benchmarks/README.md``):
     the factored backend (Kronecker factors to 64 k features, then sparse to k) gave the same
     LDS as vmap with a dense projection at the same k on the digits-mlp benchmark (DAS 0.804 vs
-    0.802 held-out, 0.677 vs 0.670 generated), featurised that benchmark about 12 times faster,
+    0.802 held-out, 0.677 vs 0.670 generated), featurised that benchmark about 8 times faster,
     and ran at 0.58 of a training step's throughput on unet-tiny where vmap reached 0.37 (sparse
     projection) and 0.002 (dense, k = 4096), without per-sample gradients in memory. So the
     factored backend is the default for every model size it can serve; vmap (with a dense
