@@ -39,11 +39,13 @@ def choose_backend(model: torch.nn.Module, parameters: list[str] | None = None) 
     The rule, from measurements on this repository's benchmarks (``benchmarks/README.md``):
     the factored backend (Kronecker factors to 64 k features, then sparse to k) gave the same
     LDS as vmap with a dense projection at the same k on the digits-mlp benchmark (DAS 0.804 vs
-    0.802 held-out, 0.677 vs 0.670 generated), featurised that benchmark about 8 times faster,
-    and ran at 0.58 of a training step's throughput on unet-tiny where vmap reached 0.37 (sparse
-    projection) and 0.002 (dense, k = 4096), without per-sample gradients in memory. So the
-    factored backend is the default for every model size it can serve; vmap (with a dense
-    projection) remains for the parameters it cannot: anything outside Linear, Conv2d (not
+    0.802 held-out, 0.677 vs 0.670 generated) and featurised it about 8 times faster. At
+    k = 4096 on a CPU it ran at 0.80 and 0.82 of a training step's throughput on unet-cifar
+    (36M parameters) and a reduced Stable-Diffusion UNet, where vmap + sparse reached 0.44 and
+    0.38 while holding 3.6-4.1 GB of per-sample gradients; on unet-tiny the two were level
+    (0.63, 0.61) and vmap + dense reached 0.003. So the factored backend is the default for
+    every model size it can serve; vmap (with a dense projection) remains for the parameters it
+    cannot: anything outside Linear, Conv2d (not
     grouped), GroupNorm and LayerNorm, and models with batch-coupled layers (BatchNorm using
     batch statistics).
 
