@@ -206,6 +206,47 @@ def test_bf16_is_close_to_float32(unet: nn.Module) -> None:
     assert (cosine > 0.95).all()
 
 
+class _Convolutions(nn.Module):
+    """Convolutions of every padding, stride and dilation form, and a small map (ghost norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reflect = nn.Conv2d(1, 6, 3, padding=1, padding_mode="reflect")
+        self.same = nn.Conv2d(6, 6, 3, padding="same", dilation=2, bias=False)
+        self.strided = nn.Conv2d(6, 40, 3, stride=2, padding=1, padding_mode="circular")
+        self.small = nn.Conv2d(40, 40, 2, stride=2)
+        self.norm = nn.GroupNorm(4, 40)
+        self.head = nn.Linear(40 * 2 * 2, 64)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.same(torch.tanh(self.reflect(x))))
+        h = self.norm(self.small(torch.tanh(self.strided(h))))
+        return self.head(h.flatten(1)).view_as(x)
+
+
+@pytest.mark.parametrize("dim", [0, 400], ids=["whole", "projected"])
+def test_every_convolution_form_matches_exact_gradients(dim: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = _Convolutions().double()
+    if dim == 0:
+        projection = whole(model)
+    else:
+        projection = ProjectionConfig(kind="kronecker", dim=dim, factored_dim=5 * dim)
+    computer = FactoredGradientComputer(
+        model, default_scheduler_config(), OUTPUTS[0], projection, dtype=torch.float64
+    )
+    small = next(b for b in computer.layout.blocks if b.module == "small")
+    # 2 x 2 outputs: with small factors the ghost norm (and unfolded patches) is cheaper.
+    assert explicit_is_cheaper(small, 4) == (dim == 0)
+    x0, noise = inputs(batch=3, seed=5)
+    got = computer.compute_features(x0, TIMESTEP, noise)
+    grads = computer.compute(x0, TIMESTEP, noise).grads
+    expected = computer.projector.project(grads.reshape(3, -1)).reshape(3, 1, -1)
+    torch.testing.assert_close(got.features, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=0)
+
+
 class _Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
