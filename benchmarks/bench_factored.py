@@ -75,6 +75,7 @@ from diffattr.features import (
     make_projector,
     select_parameters,
 )
+from diffattr.features._kronecker import uncovered_parameters
 from diffattr.models import (
     build_model,
     count_parameters,
@@ -95,8 +96,6 @@ METHODS = {
     "sparse": "vmap+sparse",
     "train": "train step",
 }
-#: What the factored backend covers: weights and biases of these module types.
-COVERED_TYPES = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 #: sd-small: Stable Diffusion 1.5's UNet layout at reduced width (about 13M parameters).
 SD_SMALL = {
     "sample_size": 32,
@@ -143,17 +142,6 @@ def build(name: str) -> nn.Module:
                 UNet2DConditionModel(**SD_SMALL), torch.Generator().manual_seed(1)
             )
         return build_model(model_spec(name, in_channels=channels, sample_size=side))
-
-
-def uncovered_parameters(model: nn.Module) -> list[str]:
-    """Trainable parameters the factored backend does not cover (not a covered module's own)."""
-    names = []
-    for module_name, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            covered = isinstance(module, COVERED_TYPES) and attr in ("weight", "bias")
-            if param.requires_grad and not covered:
-                names.append(f"{module_name}.{attr}" if module_name else attr)
-    return names
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -290,7 +278,8 @@ def measure(name: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     x0 = (torch.rand(shape, generator=draw) * 2 - 1).to(device)
     noise = torch.randn(shape, generator=draw).to(device)
     scheduler_config = default_scheduler_config()
-    excluded = uncovered_parameters(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    excluded = uncovered_parameters(model, trainable)
     patterns = None
     if excluded:
         # Exact names are globs that match only themselves: select everything covered.

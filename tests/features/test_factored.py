@@ -94,6 +94,18 @@ def exact_layout_order(
     return torch.cat(parts, dim=2), grads.flatten(1).norm(dim=1)
 
 
+def assert_equals_projected_exact_gradients(
+    computer: FactoredGradientComputer, x0: torch.Tensor, noise: torch.Tensor, rtol: float
+) -> None:
+    """Factored features = the Kronecker map of the exact (vmap) gradients; norms exact."""
+    got = computer.compute_features(x0, TIMESTEP, noise)
+    grads = computer.compute(x0, TIMESTEP, noise).grads
+    batch, r = grads.shape[:2]
+    expected = computer.projector.project(grads.reshape(batch * r, -1)).reshape(batch, r, -1)
+    torch.testing.assert_close(got.features, expected, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(got.norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize("output", OUTPUTS, ids=lambda o: o.kind)
 def test_identity_factors_reproduce_exact_per_sample_gradients_of_a_unet(
     unet: nn.Module, output: OutputConfig
@@ -125,11 +137,7 @@ def test_random_factors_equal_the_projection_of_exact_gradients(factored_dim: in
     assert computer.layout.factored_dim <= factored_dim
     assert computer.layout.rest_dim < computer.layout.rest_numel  # the rest is projected too
     x0, noise = inputs(batch=4, seed=2)
-    got = computer.compute_features(x0, TIMESTEP, noise)
-    grads = computer.compute(x0, TIMESTEP, noise).grads
-    expected = computer.projector.project(grads.reshape(8, -1)).reshape(4, 2, -1)
-    torch.testing.assert_close(got.features, expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got.norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=0)
+    assert_equals_projected_exact_gradients(computer, x0, noise, rtol=1e-10)
 
 
 def test_random_factors_on_a_unet_take_both_norm_paths(unet: nn.Module) -> None:
@@ -145,11 +153,7 @@ def test_random_factors_on_a_unet_take_both_norm_paths(unet: nn.Module) -> None:
     assert cheaper["conv_in"]
     assert not cheaper["time_embedding.linear_2"]
     x0, noise = inputs(batch=2)
-    got = computer.compute_features(x0, TIMESTEP, noise)
-    grads = computer.compute(x0, TIMESTEP, noise).grads
-    expected = computer.projector.project(grads.reshape(2, -1)).reshape(2, 1, -1)
-    torch.testing.assert_close(got.features, expected, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(got.norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=0)
+    assert_equals_projected_exact_gradients(computer, x0, noise, rtol=1e-9)
 
 
 def test_a_sample_does_not_depend_on_its_batch(unet: nn.Module) -> None:
@@ -240,11 +244,7 @@ def test_every_convolution_form_matches_exact_gradients(dim: int) -> None:
     # 2 x 2 outputs: with small factors the ghost norm (and unfolded patches) is cheaper.
     assert explicit_is_cheaper(small, 4) == (dim == 0)
     x0, noise = inputs(batch=3, seed=5)
-    got = computer.compute_features(x0, TIMESTEP, noise)
-    grads = computer.compute(x0, TIMESTEP, noise).grads
-    expected = computer.projector.project(grads.reshape(3, -1)).reshape(3, 1, -1)
-    torch.testing.assert_close(got.features, expected, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(got.norms, grads.flatten(1).norm(dim=1), rtol=1e-10, atol=0)
+    assert_equals_projected_exact_gradients(computer, x0, noise, rtol=1e-9)
 
 
 class _Twice(nn.Module):

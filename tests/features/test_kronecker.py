@@ -8,6 +8,7 @@ from torch import nn
 
 from diffattr.errors import ConfigError
 from diffattr.features import KroneckerLayout, KroneckerProjector, ProjectionConfig
+from diffattr.features._kronecker import uncovered_parameters
 
 
 def make_net() -> nn.Module:
@@ -140,6 +141,8 @@ def test_other_kinds_and_uncovered_modules_are_refused() -> None:
     embedded = nn.Sequential(nn.Embedding(10, 3), nn.Linear(3, 3))
     with pytest.raises(ConfigError, match=r"0\.weight \(Embedding\)"):
         KroneckerLayout(embedded, names(embedded), ProjectionConfig(kind="kronecker", dim=10))
+    assert uncovered_parameters(embedded, names(embedded)) == ["0.weight"]
+    assert uncovered_parameters(make_net(), names(make_net())) == []
 
 
 def test_describe_lists_every_layer_and_the_total() -> None:

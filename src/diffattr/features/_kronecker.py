@@ -50,7 +50,13 @@ from diffattr.features._projection import (
     dense_block,
 )
 
-__all__ = ["KroneckerLayout", "KroneckerProjector", "LayerBlock", "RestParameter"]
+__all__ = [
+    "KroneckerLayout",
+    "KroneckerProjector",
+    "LayerBlock",
+    "RestParameter",
+    "uncovered_parameters",
+]
 
 #: Default size of the factored stage, in multiples of the final k.
 _FACTORED_MULTIPLE = 64
@@ -162,50 +168,10 @@ class KroneckerLayout:
                 f"p={self.grad_dim}; use a smaller ProjectionConfig.dim (k = p keeps every "
                 "gradient whole)"
             )
-        selected = set(self.parameter_names)
-        owner: dict[str, tuple[str, nn.Module, str]] = {}
-        for module_name, module in model.named_modules():
-            for attr, _ in module.named_parameters(recurse=False):
-                full = f"{module_name}.{attr}" if module_name else attr
-                if full in selected:
-                    owner.setdefault(full, (module_name, module, attr))
-
-        shapes: list[tuple[str, str, str, str | None, int, int]] = []
-        rest: list[RestParameter] = []
-        uncovered: list[str] = []
-        covered_weights = set()
-        for module_name, module in model.named_modules():
-            weight = _full(module_name, "weight")
-            if isinstance(module, FACTORED_TYPES) and weight in selected:
-                if isinstance(module, nn.Conv2d) and module.groups != 1:
-                    raise ConfigError(
-                        f"{module_name}: grouped convolutions (groups={module.groups}) are not "
-                        "covered by the factored projection; leave them out with parameter "
-                        "patterns or use backend='vmap' with a dense projection"
-                    )
-                bias = _full(module_name, "bias")
-                bias = bias if bias in selected else None
-                d_out = int(module.weight.shape[0])
-                d_in = int(module.weight[0].numel()) + (bias is not None)
-                kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
-                shapes.append((module_name, kind, weight, bias, d_out, d_in))
-                covered_weights.add(weight)
-                if bias is not None:
-                    covered_weights.add(bias)
-        for name in self.parameter_names:
-            if name in covered_weights:
-                continue
-            module_name, module, attr = owner[name]
-            numel = params[name].numel()
-            if isinstance(module, NORM_TYPES) and attr in ("weight", "bias"):
-                role = "scale" if attr == "weight" else "shift"
-                rest.append(RestParameter(name, module_name, role, numel))
-            elif isinstance(module, FACTORED_TYPES) and attr == "bias":
-                rest.append(RestParameter(name, module_name, "bias", numel))
-            else:
-                uncovered.append(f"{name} ({type(module).__name__})")
+        shapes, rest, uncovered = _coverage(model, self.parameter_names)
         if uncovered:
-            shown = ", ".join(uncovered[:6]) + (", ..." if len(uncovered) > 6 else "")
+            shown = ", ".join(f"{name} ({kind})" for name, kind in uncovered[:6])
+            shown += ", ..." if len(uncovered) > 6 else ""
             raise ConfigError(
                 f"the factored projection covers Linear and Conv2d weights and biases and "
                 f"GroupNorm/LayerNorm scales and shifts; {len(uncovered)} selected parameters are "
@@ -415,6 +381,68 @@ class KroneckerProjector(Projector):
         """Project a (B, rest numel) batch of rest vectors to (B, rest_dim)."""
         assert self._rest is not None
         return self._rest.project(rest)
+
+
+def uncovered_parameters(model: nn.Module, parameter_names: Sequence[str]) -> list[str]:
+    """The names among ``parameter_names`` that the factored projection cannot take.
+
+    Raises:
+        ConfigError: A selected grouped convolution.
+    """
+    return [name for name, _ in _coverage(model, parameter_names)[2]]
+
+
+_Shape = tuple[str, str, str, str | None, int, int]
+
+
+def _coverage(
+    model: nn.Module, parameter_names: Sequence[str]
+) -> tuple[list[_Shape], list[RestParameter], list[tuple[str, str]]]:
+    """Sort the selected parameters: layer blocks, the rest, and what is not covered.
+
+    Blocks are (module, kind, weight, bias or None, d_out, d_in), in module order; uncovered
+    parameters come as (name, module type).
+    """
+    selected = set(parameter_names)
+    params = dict(model.named_parameters())
+    owner: dict[str, tuple[str, nn.Module, str]] = {}
+    shapes: list[_Shape] = []
+    covered: set[str] = set()
+    for module_name, module in model.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            if _full(module_name, attr) in selected:
+                owner.setdefault(_full(module_name, attr), (module_name, module, attr))
+        weight = _full(module_name, "weight")
+        if not (isinstance(module, FACTORED_TYPES) and weight in selected):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ConfigError(
+                f"{module_name}: grouped convolutions (groups={module.groups}) are not "
+                "covered by the factored projection; leave them out with parameter "
+                "patterns or use backend='vmap' with a dense projection"
+            )
+        bias: str | None = _full(module_name, "bias")
+        bias = bias if bias in selected else None
+        d_out = int(module.weight.shape[0])
+        d_in = int(module.weight[0].numel()) + (bias is not None)
+        kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+        shapes.append((module_name, kind, weight, bias, d_out, d_in))
+        covered.update(n for n in (weight, bias) if n is not None)
+    rest: list[RestParameter] = []
+    uncovered: list[tuple[str, str]] = []
+    for name in parameter_names:
+        if name in covered:
+            continue
+        module_name, module, attr = owner[name]
+        numel = params[name].numel()
+        if isinstance(module, NORM_TYPES) and attr in ("weight", "bias"):
+            role = "scale" if attr == "weight" else "shift"
+            rest.append(RestParameter(name, module_name, role, numel))
+        elif isinstance(module, FACTORED_TYPES) and attr == "bias":
+            rest.append(RestParameter(name, module_name, "bias", numel))
+        else:
+            uncovered.append((name, type(module).__name__))
+    return shapes, rest, uncovered
 
 
 def _full(module_name: str, attr: str) -> str:
