@@ -23,7 +23,7 @@ def test_fingerprint_tracks_content(digits: ImageDataset) -> None:
     same = make_dataset()
     assert base.fingerprint() == same.fingerprint()
     assert len(base.fingerprint()) == 64
-    renamed = ImageDataset(base.images, base.ids, "other", base.labels, {"kind": "x"})
+    renamed = ImageDataset(base.images, base.ids, "other", base.labels, source={"kind": "x"})
     assert renamed.fingerprint() == base.fingerprint()  # content only, not metadata
     changed_pixel = base.images.clone()
     changed_pixel[3, 0, 1, 1] = 0.123

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def test_grayscale_folder_sorted_by_name(tmp_path: Path) -> None:
     assert dataset.name == tmp_path.name
     assert dataset.source["path"] == str(tmp_path.resolve())
     assert dataset.source["channels"] == 1
+    assert set(dataset.source) == {"kind", "path", "size", "channels", "files"}
+    assert dataset.prompts is None
     np.testing.assert_allclose(dataset.images[:, 0, 0, 0].numpy(), [1.0, 51 / 255 * 2 - 1, -1.0])
     json.dumps(dataset.source)
 
@@ -187,3 +190,88 @@ def test_mixed_sizes_without_resize(tmp_path: Path) -> None:
     assert "a.png is 8x8" in message
     assert "b.png is 16x16" in message
     assert "size=" in message
+
+
+def _folder_with_metadata(folder: Path, metadata: str | bytes) -> Path:
+    for name in ("a.png", "b.png", "c.jpg"):
+        write_image(folder / name, np.zeros((4, 4), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    path = folder / "metadata.jsonl"
+    if isinstance(metadata, bytes):
+        path.write_bytes(metadata)
+    else:
+        path.write_text(metadata, encoding="utf-8")
+    return path
+
+
+def test_metadata_gives_prompts_in_file_order(tmp_path: Path) -> None:
+    metadata = _folder_with_metadata(
+        tmp_path,
+        '{"file_name": "c.jpg", "text": "a black café", "label": 3}\n'
+        "\n"
+        '{"file_name": "a.png", "text": "first"}\r\n'
+        '{"text": "", "file_name": "b.png"}\n',
+    )
+    dataset = load_image_folder(tmp_path)
+    assert dataset.prompts == ("first", "", "a black café")
+    assert dataset.source["metadata_sha256"] == hashlib.sha256(metadata.read_bytes()).hexdigest()
+    assert dataset.select([2]).prompts == ("a black café",)
+    source = json.loads(json.dumps(dataset.select([2, 0]).source))
+    reloaded = load_from_source(source)
+    assert reloaded.prompts == ("a black café", "first")
+    assert reloaded.fingerprint() == dataset.select([2, 0]).fingerprint()
+
+
+def test_changed_or_removed_metadata_is_detected_on_reload(tmp_path: Path) -> None:
+    lines = [f'{{"file_name": "{name}", "text": "{name}"}}' for name in ("a.png", "b.png", "c.jpg")]
+    metadata = _folder_with_metadata(tmp_path, "\n".join(lines))
+    source = load_image_folder(tmp_path).source
+    metadata.write_text("\n".join([*lines[:2], lines[2].replace('"text": "c', '"text": "C')]))
+    with pytest.raises(DataError, match=r"metadata\.jsonl in .* changed since it was loaded"):
+        load_from_source(source)
+    metadata.unlink()
+    with pytest.raises(DataError, match=r"metadata\.jsonl in .* changed since it was loaded"):
+        load_from_source(source)
+
+
+def test_metadata_added_after_loading_is_detected(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    source = load_image_folder(tmp_path).source
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "late"}\n')
+    with pytest.raises(DataError, match="changed since it was loaded"):
+        load_from_source(source)
+
+
+_GOOD_A = '{"file_name": "a.png", "text": "a"}'
+_GOOD_B = '{"file_name": "b.png", "text": "b"}'
+_GOOD_C = '{"file_name": "c.jpg", "text": "c"}'
+
+
+@pytest.mark.parametrize(
+    ("metadata", "match"),
+    [
+        (f"{_GOOD_A}\n{{not json\n", "line 2: invalid JSON"),
+        ('{"file_name": "a.png"}', "line 1: expected an object with file_name and text"),
+        ('{"text": "a"}', "line 1: expected an object with file_name and text"),
+        ('["a.png", "a"]', "line 1: expected an object with file_name and text"),
+        ('{"file_name": "a.png", "text": 7}', "line 1: text must be a string, found int"),
+        ('{"file_name": "a.png", "text": null}', "text must be a string, found NoneType"),
+        (f'{_GOOD_A}\n{{"file_name": "d.png", "text": "d"}}', "line 2: file_name 'd.png' is not"),
+        ('{"file_name": "notes.txt", "text": "n"}', "line 1: file_name 'notes.txt' is not an"),
+        ('{"file_name": "sub/a.png", "text": "n"}', "file_name 'sub/a.png' is not an image in"),
+        ('{"file_name": 3, "text": "n"}', "line 1: file_name 3 is not an image in"),
+        (
+            f"{_GOOD_A}\n{_GOOD_B}\n{_GOOD_C}\n{_GOOD_A}",
+            r"line 4: 'a.png' is listed again \(first on line 1\)",
+        ),
+        (f"{_GOOD_A}\n{_GOOD_C}\n", "has no line for image 'b.png'"),
+        (b'{"file_name": "a.png", "text": "\xff"}', "is not UTF-8 text"),
+    ],
+)
+def test_bad_metadata_names_the_file_and_line(
+    tmp_path: Path, metadata: str | bytes, match: str
+) -> None:
+    path = _folder_with_metadata(tmp_path, metadata)
+    with pytest.raises(DataError, match=match) as err:
+        load_image_folder(tmp_path)
+    assert str(path.resolve()) in str(err.value)

@@ -208,3 +208,46 @@ def test_pickled_arrays_are_refused(tmp_path: Path) -> None:
     path = _save(tmp_path / "obj.npz", images=np.array([None, 1], dtype=object))
     with pytest.raises(DataError, match=r"obj\.npz is not a valid \.npz file"):
         load_npz(path)
+
+
+def test_prompts_round_trip(tmp_path: Path) -> None:
+    path = _save(
+        tmp_path / "x.npz",
+        images=_uint8_images((3, 2, 2)),
+        ids=np.array([30, 10, 20]),
+        prompts=np.array(["a red car", "ein Bär", ""]),
+    )
+    dataset = load_npz(path)
+    assert dataset.prompts == ("a red car", "ein Bär", "")
+    assert "prompts" not in dataset.source  # the file's hash covers them
+    assert dataset.select([20, 30]).prompts == ("", "a red car")
+    source = json.loads(json.dumps(dataset.select([20, 30]).source))
+    assert load_from_source(source).prompts == ("", "a red car")
+    assert load_npz(_save(tmp_path / "y.npz", images=_uint8_images((3, 2, 2)))).prompts is None
+
+
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        np.array(["a", "b"]),
+        np.array([1, 2, 3]),
+        np.array([b"a", b"b", b"c"]),
+        np.array([["a", "b", "c"]]),
+        np.array("abc"),
+    ],
+)
+def test_bad_prompts(tmp_path: Path, prompts: np.ndarray) -> None:
+    path = _save(tmp_path / "x.npz", images=_uint8_images((3, 2, 2)), prompts=prompts)
+    with pytest.raises(DataError, match=r"x\.npz: 'prompts' must be 3 strings") as err:
+        load_npz(path)
+    assert str(prompts.dtype) in str(err.value)
+
+
+def test_object_prompts_are_refused(tmp_path: Path) -> None:
+    path = _save(
+        tmp_path / "x.npz",
+        images=_uint8_images((2, 2, 2)),
+        prompts=np.array(["a", "b"], dtype=object),
+    )
+    with pytest.raises(DataError, match=r"x\.npz is not a valid \.npz file: .*allow_pickle"):
+        load_npz(path)

@@ -27,6 +27,54 @@ def _as_int_vector(values: object, what: str, n: int) -> np.ndarray:
     return array
 
 
+def _as_prompts(values: object, n: int) -> tuple[str, ...]:
+    """Return ``values`` as a tuple of ``n`` Python strings; DataError otherwise."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind != "U":
+            raise DataError(
+                "prompts must be a 1-D array of strings, "
+                f"found shape {values.shape} and dtype {values.dtype}"
+            )
+        values = values.tolist()
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise DataError(f"prompts must be a sequence of strings, found {type(values).__name__}")
+    if len(values) != n:
+        raise DataError(
+            f"prompts must have one string per image: {len(values)} prompts for {n} images"
+        )
+    for index, prompt in enumerate(values):
+        if not isinstance(prompt, str):
+            raise DataError(f"prompt {index} must be a str, found {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")  # the fingerprint hashes UTF-8; lone surrogates have none
+        except UnicodeEncodeError as err:
+            raise DataError(f"prompt {index} is not valid Unicode text: {err}") from err
+    return tuple(str(prompt) for prompt in values)  # str() turns numpy strings into plain ones
+
+
+def _format_prompts(
+    template: str, ids: np.ndarray, labels: np.ndarray | None, name: str
+) -> tuple[str, ...]:
+    """Return ``template.format(label=..., id=...)`` for every row."""
+    if labels is None:
+        fields = [{"id": int(i)} for i in ids]
+    else:
+        fields = [{"id": int(i), "label": int(label)} for i, label in zip(ids, labels, strict=True)]
+    try:
+        return tuple(template.format(**row) for row in fields)
+    except KeyError as err:
+        if err.args[0] == "label":
+            raise DataError(
+                f"prompt template {template!r} uses {{label}} but dataset {name!r} has no labels"
+            ) from err
+        raise DataError(
+            f"prompt template {template!r} uses unknown field {{{err.args[0]}}}; "
+            "only {label} and {id} are available"
+        ) from err
+    except (AttributeError, IndexError, TypeError, ValueError) as err:
+        raise DataError(f"invalid prompt template {template!r}: {err}") from err
+
+
 def _check_images(images: object, name: str) -> torch.Tensor:
     """Return ``images`` if it is a non-empty finite (N, C, H, W) float32 CPU tensor in [-1, 1]."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
@@ -68,6 +116,7 @@ class ImageDataset:
         ids: ``(N,)`` int64 sample ids, unique and stable across reloads and subsets.
         name: Short name, e.g. ``"digits"`` or the folder / ``.npz`` file name.
         labels: Optional ``(N,)`` int64 class labels.
+        prompts: Optional text prompt per image, for text-conditioned models.
         source: JSON-serialisable description that :func:`load_from_source` reloads exactly.
     """
 
@@ -75,6 +124,7 @@ class ImageDataset:
     ids: np.ndarray
     name: str
     labels: np.ndarray | None = None
+    prompts: tuple[str, ...] | None = None
     source: dict[str, Any] = field(default_factory=lambda: {"kind": "memory"})
 
     def __post_init__(self) -> None:
@@ -85,6 +135,7 @@ class ImageDataset:
         if len(unique) != n:
             raise DataError(f"ids must be unique; sample id {unique[counts > 1][0]} repeats")
         labels = None if self.labels is None else _as_int_vector(self.labels, "labels", n)
+        prompts = None if self.prompts is None else _as_prompts(self.prompts, n)
         try:
             # A JSON round trip both checks the source and detaches it from the caller's dict.
             source = json.loads(json.dumps(self.source))
@@ -94,6 +145,7 @@ class ImageDataset:
         object.__setattr__(self, "images", images.contiguous())
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "prompts", prompts)
         object.__setattr__(self, "source", source)
 
     def __len__(self) -> int:
@@ -151,14 +203,51 @@ class ImageDataset:
             ids=wanted,
             name=self.name,
             labels=None if self.labels is None else self.labels[positions],
+            prompts=None if self.prompts is None else tuple(self.prompts[i] for i in positions),
             source={**self.source, "ids": wanted.tolist()},
         )
 
+    def with_prompts(self, template_or_prompts: str | Sequence[str] | np.ndarray) -> ImageDataset:
+        """Return a copy of this dataset with one text prompt per image, replacing any it has.
+
+        A template is recorded in ``source``, so :func:`load_from_source` re-applies it. Explicit
+        prompts are only recorded by their hash: a dataset given them here cannot be reloaded.
+
+        Args:
+            template_or_prompts: A template formatted per image with ``template.format(label=...,
+                id=...)`` (the image's class label and sample id), e.g. ``"a handwritten
+                {label}"``; or the prompts themselves, one string per image in row order.
+
+        Returns:
+            A new dataset with the same images, ids and labels.
+
+        Raises:
+            DataError: If the template uses ``{label}`` on a dataset without labels, uses another
+                field than ``{label}`` and ``{id}``, or is malformed; or if the prompts are not
+                one string per image.
+        """
+        if isinstance(template_or_prompts, str):
+            prompts = _format_prompts(template_or_prompts, self.ids, self.labels, self.name)
+            record: dict[str, str] = {"template": template_or_prompts}
+        else:
+            prompts = _as_prompts(template_or_prompts, len(self))
+            listed = json.dumps(list(prompts)).encode("utf-8")
+            record = {"list_sha256": hashlib.sha256(listed).hexdigest()}
+        return ImageDataset(
+            images=self.images,
+            ids=self.ids,
+            name=self.name,
+            labels=self.labels,
+            prompts=prompts,
+            source={**self.source, "prompts": record},
+        )
+
     def fingerprint(self) -> str:
-        """Return a SHA-256 hex digest of the ids, images and labels.
+        """Return a SHA-256 hex digest of the ids, images, labels and prompts.
 
         Identical content gives an identical fingerprint whatever the name or source, so a run can
-        check that it sees the same data as the run it resumes or evaluates.
+        check that it sees the same data as the run it resumes or evaluates. A dataset without
+        prompts has the digest it had before prompts existed, so recorded fingerprints still match.
 
         Returns:
             64 hexadecimal characters.
@@ -172,6 +261,13 @@ class ImageDataset:
         else:
             digest.update(b"labels")
             digest.update(self.labels.astype("<i8").tobytes())
+        if self.prompts is not None:
+            digest.update(b"prompts")
+            for prompt in self.prompts:
+                # Length-prefixed, so ["ab", "c"] and ["a", "bc"] differ.
+                encoded = prompt.encode("utf-8")
+                digest.update(len(encoded).to_bytes(8, "little"))
+                digest.update(encoded)
         return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from diffattr._io import sha256_file
 from diffattr.data._dataset import ImageDataset
-from diffattr.data._folder import load_image_folder
+from diffattr.data._folder import METADATA_FILE, load_image_folder
 from diffattr.data._npz import load_npz
 from diffattr.data._resize import Size, is_positive_int, parse_size, resize_images
 from diffattr.errors import DataError
@@ -20,7 +20,14 @@ __all__ = ["load_dataset", "load_digits", "load_from_source"]
 _ACCEPTED_SPECS = "'digits', a folder of PNG/JPEG images, or an .npz file"
 
 
-def load_digits(size: int | None = None) -> ImageDataset:
+def _check_template(prompts: object) -> None:
+    if prompts is not None and not isinstance(prompts, str):
+        raise DataError(
+            f"prompts must be a template string such as 'a handwritten {{label}}', got {prompts!r}"
+        )
+
+
+def load_digits(size: int | None = None, prompts: str | None = None) -> ImageDataset:
     """Load scikit-learn's 1797 handwritten 8x8 digits (shipped with scikit-learn, no download).
 
     Pixel values 0..16 map linearly to [-1, 1]; sample ids are 0..1796 in scikit-learn's order
@@ -28,31 +35,45 @@ def load_digits(size: int | None = None) -> ImageDataset:
 
     Args:
         size: Resize to ``size x size`` with antialiased bilinear interpolation; None keeps 8x8.
+        prompts: A prompt template such as ``"a handwritten {label}"`` (see
+            :meth:`ImageDataset.with_prompts`); None gives no prompts.
 
     Returns:
         The ``"digits"`` dataset, shape (1797, 1, 8, 8) or (1797, 1, size, size).
 
     Raises:
-        DataError: If ``size`` is not a positive int.
+        DataError: If ``size`` is not a positive int, or ``prompts`` is not a valid template.
     """
     if size is not None and not is_positive_int(size):
         raise DataError(f"size must be a positive int, got {size!r}")
+    _check_template(prompts)
     digits = sklearn.datasets.load_digits()
     pixels = digits.images.astype(np.float32) / 8.0 - 1.0
     images = torch.from_numpy(np.ascontiguousarray(pixels[:, None]))
-    return ImageDataset(
+    dataset = ImageDataset(
         images=resize_images(images, parse_size(size)),
         ids=np.arange(len(pixels), dtype=np.int64),
         name="digits",
         labels=digits.target.astype(np.int64),
         source={"kind": "digits", "size": None if size is None else int(size)},
     )
+    return dataset if prompts is None else dataset.with_prompts(prompts)
+
+
+def _with_template(dataset: ImageDataset, template: str | None) -> ImageDataset:
+    """Apply a template to a folder or npz dataset, which must not have prompts of its own."""
+    if template is None:
+        return dataset
+    if dataset.prompts is not None:
+        raise DataError(f"{dataset.source['path']} has its own prompts; do not pass a template")
+    return dataset.with_prompts(template)
 
 
 def load_dataset(
     spec: str | os.PathLike[str],
     size: Size | None = None,
     value_range: tuple[float, float] | None = None,
+    prompts: str | None = None,
 ) -> ImageDataset:
     """Load a dataset named on the command line or in a config.
 
@@ -62,28 +83,33 @@ def load_dataset(
         size: Optional resize, passed to the matching loader.
         value_range: The pixel range of an ``.npz``'s float images (see :func:`load_npz`);
             an error for the other kinds, whose range is known.
+        prompts: A prompt template such as ``"a handwritten {label}"`` (see
+            :meth:`ImageDataset.with_prompts`). Folders (``metadata.jsonl``) and ``.npz`` files
+            (a ``prompts`` array) may carry their own prompts instead; None keeps those.
 
     Returns:
         The loaded dataset.
 
     Raises:
-        DataError: If ``spec`` is none of the accepted forms, or the loader rejects the data.
+        DataError: If ``spec`` is none of the accepted forms, the loader rejects the data, or
+            ``prompts`` is given for files that have their own prompts or is not a valid template.
     """
     path = Path(spec).expanduser()
     if value_range is not None and path.suffix.lower() != ".npz":
         raise DataError(f"value_range applies to .npz files only, not to {os.fspath(spec)!r}")
+    _check_template(prompts)
     if isinstance(spec, str) and spec == "digits":
         target = parse_size(size)
         if target is not None and target[0] != target[1]:
             raise DataError(f"digits images are square; got size={size!r}")
-        return load_digits(None if target is None else target[0])
+        return load_digits(None if target is None else target[0], prompts)
     if path.is_dir() and (path / "samples.npz").is_file():
         # A folder written by `diffattr sample`: its images are in samples.npz, with their seeds.
-        return load_npz(path / "samples.npz", size)
+        return _with_template(load_npz(path / "samples.npz", size), prompts)
     if path.is_dir():
-        return load_image_folder(path, size)
+        return _with_template(load_image_folder(path, size), prompts)
     if path.suffix.lower() == ".npz":
-        return load_npz(path, size, value_range=value_range)
+        return _with_template(load_npz(path, size, value_range=value_range), prompts)
     raise DataError(f"cannot load dataset {os.fspath(spec)!r}: expected {_ACCEPTED_SPECS}")
 
 
@@ -103,6 +129,8 @@ def _reload(source: dict[str, Any]) -> ImageDataset:
         dataset = load_image_folder(source["path"], source["size"], source["channels"])
         if dataset.source["files"] != source["files"]:
             raise DataError(f"the image files in {source['path']} changed since it was loaded")
+        if dataset.source.get("metadata_sha256") != source.get("metadata_sha256"):
+            raise DataError(f"{METADATA_FILE} in {source['path']} changed since it was loaded")
         return dataset
     if kind == "npz":
         _require(source, "path", "size", "value_range", "layout", "sha256")
@@ -114,23 +142,44 @@ def _reload(source: dict[str, Any]) -> ImageDataset:
     raise DataError(f"unknown dataset source kind {kind!r}; expected digits, folder or npz")
 
 
+def _prompt_template(source: dict[str, Any]) -> str | None:
+    """Return the prompt template the source records; None if it records no prompts."""
+    record = source.get("prompts")
+    if record is None:
+        return None
+    if isinstance(record, dict) and "list_sha256" in record:
+        raise DataError(
+            "prompts given in memory cannot be reloaded; use a template, or store them with the "
+            f"images (in {METADATA_FILE} or the .npz's 'prompts' array)"
+        )
+    if not isinstance(record, dict) or not isinstance(record.get("template"), str):
+        raise DataError(f"dataset source has malformed prompts {record!r}; expected a template")
+    return record["template"]
+
+
 def load_from_source(source: dict[str, Any]) -> ImageDataset:
     """Reload a dataset exactly from its ``ImageDataset.source`` description.
 
     Subsets made with :meth:`ImageDataset.select` record their sample ids, so they reload as the
-    same subset. Folder and npz sources are checked against the recorded file names or file hash.
+    same subset; a recorded prompt template is re-applied. Folder and npz sources are checked
+    against the recorded file names or file hashes.
 
     Args:
         source: The ``source`` dict of a dataset, e.g. read back from run metadata.
 
     Returns:
-        A dataset with the same images, ids and labels as the one the source came from.
+        A dataset with the same images, ids, labels and prompts as the one the source came from.
 
     Raises:
-        DataError: If the source is malformed or of an unknown kind, the data changed on disk,
-            or the loader rejects the data.
+        DataError: If the source is malformed or of an unknown kind, records prompts that were
+            given in memory, the data changed on disk, or the loader rejects the data.
     """
     if not isinstance(source, dict) or "kind" not in source:
         raise DataError(f"a dataset source must be a dict with a 'kind' key, got {source!r}")
+    template = _prompt_template(source)  # before reloading, so unreloadable prompts fail fast
     dataset = _reload(source)
+    if template is not None:
+        # On the whole dataset: a template sees only each row's id and label, so selecting
+        # afterwards gives the subset the prompts it had.
+        dataset = dataset.with_prompts(template)
     return dataset if source.get("ids") is None else dataset.select(source["ids"])

@@ -128,6 +128,18 @@ def _optional_ints(
     return values.astype(np.int64)
 
 
+def _optional_prompts(arrays: dict[str, np.ndarray], n: int, path: Path) -> tuple[str, ...] | None:
+    values = arrays.get("prompts")
+    if values is None:
+        return None
+    if values.ndim != 1 or len(values) != n or values.dtype.kind != "U":
+        raise DataError(
+            f"{path}: 'prompts' must be {n} strings (one per image, numpy dtype 'U'), "
+            f"found shape {values.shape} and dtype {values.dtype}"
+        )
+    return tuple(values.tolist())
+
+
 def load_npz(
     path: str | os.PathLike[str],
     size: Size | None = None,
@@ -138,8 +150,9 @@ def load_npz(
 
     The archive holds ``images`` shaped (N, C, H, W), (N, H, W, C) or (N, H, W) with C in
     {1, 3}, as uint8 or float16/32/64; optionally ``ids`` (unique ints; default 0..N-1),
-    ``labels`` (ints) and ``value_range`` (two floats). Values are rescaled linearly from the
-    value range to [-1, 1].
+    ``labels`` (ints), ``prompts`` (N unicode strings, e.g. ``np.array(list_of_str)``; object
+    arrays are refused, as pickled data) and ``value_range`` (two floats). Values are rescaled
+    linearly from the value range to [-1, 1].
 
     Args:
         path: The ``.npz`` file.
@@ -156,9 +169,9 @@ def load_npz(
 
     Raises:
         DataError: If the file is missing or not an npz archive, has no ``images`` (the message
-            lists the keys present), the shape, dtype, layout, ids or labels are invalid, the
-            value range is ambiguous, or an image holds NaN/inf or values outside the range (the
-            message names the first such image index).
+            lists the keys present), the shape, dtype, layout, ids, labels or prompts are
+            invalid, the value range is ambiguous, or an image holds NaN/inf or values outside
+            the range (the message names the first such image index).
     """
     path = Path(path).expanduser().resolve()
     target = parse_size(size)
@@ -185,6 +198,7 @@ def load_npz(
         ids=np.arange(n, dtype=np.int64) if ids is None else ids,
         name=path.stem,
         labels=_optional_ints(arrays, "labels", n, path),
+        prompts=_optional_prompts(arrays, n, path),
         source={
             "kind": "npz",
             "path": str(path),
