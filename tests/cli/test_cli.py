@@ -62,7 +62,8 @@ def samples(workdir: Path, checkpoint: Path) -> Path:
 def test_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["mlp-tiny", "unet-cifar", "unet-tiny"]
+    names = [line.split()[0] for line in lines]
+    assert names == ["cunet-tiny", "ldm-tiny", "mlp-tiny", "unet-cifar", "unet-tiny"]
 
 
 def test_train_prints_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,3 +68,32 @@ def fixed_input(shape: tuple[int, ...] = (4, 1, 8, 8), seed: int = 123) -> torch
 
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def cunet_spec(name: str = "cunet-tiny", channels: int = 1, size: int = 8) -> ModelSpec:
+    """A text-conditioned UNet (or latent one) small enough to train in tests."""
+    spec = model_spec(name, in_channels=channels, sample_size=size)
+    unet = {
+        **spec.config["unet"],
+        "block_out_channels": [8, 16],
+        "norm_num_groups": 4,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 8,
+    }
+    config = {**spec.config, "unet": unet, "text": {"max_length": 16}}
+    if "vae" in config:
+        config["vae"] = {**config["vae"], "block_out_channels": [8, 16], "norm_num_groups": 4}
+    return ModelSpec(name=spec.name, config=config)
+
+
+def prompted_dataset(n: int = 16, seed: int = 0, size: int = 8, channels: int = 1) -> ImageDataset:
+    """Noise images with the prompts "a handwritten <label>", labels 0..4 in turn."""
+    images = random_dataset(n=n, channels=channels, size=size, seed=seed)
+    labels = np.arange(n) % 5
+    return ImageDataset(
+        images=images.images,
+        ids=images.ids,
+        name="prompted",
+        labels=labels,
+        prompts=tuple(f"a handwritten {label}" for label in labels),
+    )

@@ -35,7 +35,7 @@ from .helpers import (
 
 def test_available_models_lists_the_registry() -> None:
     models = available_models()
-    assert list(models) == ["mlp-tiny", "unet-cifar", "unet-tiny"]
+    assert list(models) == ["cunet-tiny", "ldm-tiny", "mlp-tiny", "unet-cifar", "unet-tiny"]
     assert all(isinstance(text, str) and text for text in models.values())
 
 

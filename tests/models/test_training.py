@@ -88,6 +88,7 @@ def test_train_config_round_trips_through_json() -> None:
         grad_clip=0.5,
         seed=9,
         checkpoint_every=10,
+        condition_dropout=0.2,
     )
     data = config.to_dict()
     assert data == {
@@ -100,6 +101,7 @@ def test_train_config_round_trips_through_json() -> None:
         "grad_clip": 0.5,
         "seed": 9,
         "checkpoint_every": 10,
+        "condition_dropout": 0.2,
     }
     assert TrainConfig.from_dict(json.loads(json.dumps(data))) == config
     assert TrainConfig.from_dict({}) == TrainConfig()

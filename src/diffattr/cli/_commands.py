@@ -51,16 +51,22 @@ from diffattr.methods import attribute as attribute_images
 from diffattr.methods._scores import META_FILE as SCORES_META
 from diffattr.models import (
     Checkpoint,
+    LoRAConfig,
     TrainConfig,
+    VAEConfig,
     available_models,
-    build_model,
     load_checkpoint,
+    load_pipeline,
     model_spec,
     sample_checkpoint,
     save_samples,
+    vae_latent_scale,
 )
 from diffattr.models import (
     train as train_model,
+)
+from diffattr.models import (
+    train_vae as train_autoencoder,
 )
 from diffattr.models._checkpoint import CHECKPOINT_FILE
 from diffattr.report import record_run, write_report
@@ -77,10 +83,11 @@ DEMO_PROJ_DIM = 1024
 def train(args: argparse.Namespace) -> None:
     """``diffattr train``: train (or resume) a model on a dataset's training split."""
     device = resolve_device(args.device)
-    dataset = load_dataset(args.data, size=args.size, value_range=args.value_range)
+    dataset = _training_dataset(args)
     split = split_dataset(dataset, query_fraction=args.query_fraction, seed=args.split_seed)
     config = dataclass_from_args(TrainConfig, args)
-    spec = model_spec(args.model, in_channels=dataset.channels, sample_size=_side(dataset))
+    init = load_checkpoint(args.init) if args.init else None
+    spec = _train_spec(args, dataset, init)
     began = time.perf_counter()
     checkpoint = train_model(
         spec,
@@ -88,6 +95,7 @@ def train(args: argparse.Namespace) -> None:
         config,
         args.out,
         split=split,
+        init=init,
         device=str(device),
         until=args.until,
         overwrite=args.overwrite,
@@ -96,11 +104,64 @@ def train(args: argparse.Namespace) -> None:
     )
     seconds = time.perf_counter() - began
     meta = checkpoint.metadata
+    what = f"LoRA rank {spec.lora['rank']} on {spec.name}" if spec.lora else spec.name
     print(
-        f"trained {spec.name} ({meta['n_parameters']:,} parameters) to step "
+        f"trained {what} ({meta['n_parameters']:,} trainable parameters) to step "
         f"{checkpoint.step}/{config.steps} on {dataset.name} ({len(split.train)} training images, "
         f"{len(split.query)} held out) in {seconds:.0f} s on {device}; "
         f"last loss {meta['last_call']['final_loss']:.4f}\ncheckpoint: {checkpoint.path}"
+    )
+
+
+def _training_dataset(args: argparse.Namespace) -> ImageDataset:
+    dataset = load_dataset(
+        args.data, size=args.size, value_range=args.value_range, prompts=args.prompts
+    )
+    if args.labels is None:
+        return dataset
+    if dataset.labels is None:
+        raise DataError(f"--labels needs labelled images; {dataset.name} has no labels")
+    keep = np.isin(dataset.labels, args.labels)
+    if not keep.any():
+        raise DataError(f"{dataset.name} has no images with labels {list(args.labels)}")
+    return dataset.select(dataset.ids[keep])
+
+
+def _train_spec(args: argparse.Namespace, dataset: ImageDataset, init: Checkpoint | None) -> Any:
+    if args.lora is not None:
+        if init is None:
+            raise ConfigError("--lora fine-tunes a pretrained model: give its checkpoint as --init")
+        return init.model_spec.with_lora(LoRAConfig(rank=args.lora, alpha=args.lora_alpha))
+    if args.lora_alpha is not None:
+        raise ConfigError("--lora-alpha applies to a --lora fine-tune only")
+    overrides = {"latent_scale": vae_latent_scale(init)} if init is not None else None
+    return model_spec(
+        args.model, in_channels=dataset.channels, sample_size=_side(dataset), overrides=overrides
+    )
+
+
+def train_vae(args: argparse.Namespace) -> None:
+    """``diffattr train-vae``: train the autoencoder of a latent diffusion model."""
+    device = resolve_device(args.device)
+    dataset = _training_dataset(args)
+    split = split_dataset(dataset, query_fraction=args.query_fraction, seed=args.split_seed)
+    config = dataclass_from_args(VAEConfig, args)
+    began = time.perf_counter()
+    checkpoint = train_autoencoder(
+        split.train,
+        config,
+        args.out,
+        device=str(device),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    meta = checkpoint.metadata
+    print(
+        f"trained vae-tiny for {config.steps} steps on {len(split.train)} images of "
+        f"{dataset.name} in {time.perf_counter() - began:.0f} s on {device}; reconstruction "
+        f"RMSE {meta['reconstruction_rmse']:.4f}, latent scale {meta['latent_scale']:.4f}\n"
+        f"checkpoint: {checkpoint.path} (train a latent model on it: diffattr train "
+        f"--model ldm-tiny --init {checkpoint.path})"
     )
 
 
@@ -109,6 +170,9 @@ def sample(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     seeds = _parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.n))
+    prompts = None
+    if args.prompt:
+        prompts = [args.prompt[i % len(args.prompt)] for i in range(len(seeds))]
     began = time.perf_counter()
     images = sample_checkpoint(
         checkpoint,
@@ -118,11 +182,15 @@ def sample(args: argparse.Namespace) -> None:
         eta=args.eta,
         batch_size=args.batch_size,
         weights=args.weights,
+        prompts=prompts,
+        guidance_scale=args.guidance_scale,
         device=device,
         progress=not args.quiet,
     )
     seconds = time.perf_counter() - began
-    npz = save_samples(images, seeds, args.out, _sample_metadata(checkpoint.path, args))
+    npz = save_samples(
+        images, seeds, args.out, _sample_metadata(checkpoint.path, args), prompts=prompts
+    )
     print(
         f"generated {len(seeds)} images with {args.sampler} in {seconds:.0f} s on {device}\n"
         f"samples: {npz}\ngrid: {Path(args.out) / 'grid.png'}"
@@ -305,6 +373,7 @@ def _sample_metadata(checkpoint: Path, args: argparse.Namespace) -> dict[str, An
         "steps": args.steps,
         "eta": args.eta,
         "weights": args.weights,
+        "guidance_scale": args.guidance_scale,
     }
 
 
@@ -323,7 +392,7 @@ def _print_npz(path: Path) -> None:
 def attribute(args: argparse.Namespace) -> None:
     """``diffattr attribute``: score query images against a checkpoint's training images."""
     device = resolve_device(args.device)
-    checkpoints = [load_checkpoint(path) for path in args.checkpoints]
+    checkpoints = _attributed_models(args)
     if args.method in MODEL_FREE_METHODS:
         if _launched_by_torchrun():
             raise ConfigError(f"--method {args.method} runs in one process, not under torchrun")
@@ -334,7 +403,7 @@ def attribute(args: argparse.Namespace) -> None:
     method_cls = get_method(args.method)
     reject_foreign_options(args, args.method_options, method_cls.config_cls, args.method)
     method = method_cls(dataclass_from_args(method_cls.config_cls, args))
-    train_data, queries = _attribution_data(checkpoints[0], args.queries)
+    train_data, queries = _attribution_data(checkpoints[0], args)
     if args.n_queries is not None:
         queries = queries.select(queries.ids[: args.n_queries])
     backend, projection_kind = _backend(args, checkpoints[0])
@@ -371,21 +440,46 @@ def attribute(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - began
     if Distributed.current().rank != 0:
         return
-    record_run(args.out, scores.method, args.checkpoints, args.queries, _command_settings(args))
+    record_run(args.out, scores.method, _model_paths(args), args.queries, _command_settings(args))
     _print_top(args, scores)
     print(
         f"{method.name}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
-        f"images, {len(checkpoints)} checkpoint(s), {args.timesteps} timesteps, "
+        f"images, {_models_text(args, checkpoints)}, {args.timesteps} timesteps, "
         f"k={args.proj_dim} ({features.backend} backend), in {seconds:.0f} s on {device}\n"
         f"scores: {Path(args.out) / 'scores' / method.name}"
     )
 
 
-def _backend(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[str, str]:
+def _attributed_models(args: argparse.Namespace) -> list[Any]:
+    """The checkpoints, or the one local diffusers pipeline, that ``attribute`` explains."""
+    if args.pipeline is not None:
+        if args.checkpoints:
+            raise ConfigError("give checkpoints or --pipeline, not both")
+        if args.data is None:
+            raise ConfigError("--pipeline records no training images: give them as --data")
+        return [load_pipeline(args.pipeline, lora=args.lora_weights)]
+    if not args.checkpoints:
+        raise ConfigError("give one or more checkpoints, or --pipeline PATH")
+    for option in ("lora_weights", "data"):
+        if getattr(args, option) is not None:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} applies to --pipeline; a checkpoint records its own")
+    return [load_checkpoint(path) for path in args.checkpoints]
+
+
+def _models_text(args: argparse.Namespace, checkpoints: list[Any]) -> str:
+    return "1 pipeline" if args.pipeline is not None else f"{len(checkpoints)} checkpoint(s)"
+
+
+def _model_paths(args: argparse.Namespace) -> list[str]:
+    return [args.pipeline] if args.pipeline is not None else list(args.checkpoints)
+
+
+def _backend(args: argparse.Namespace, checkpoint: Any) -> tuple[str, str]:
     """Resolve --backend and --projection "auto" (see :func:`choose_backend`)."""
     backend = args.backend
     if backend == "auto":
-        backend = choose_backend(build_model(checkpoint.model_spec), args.parameters).backend
+        backend = choose_backend(checkpoint.load_model(), args.parameters).backend
     projection = args.projection
     if projection == "auto":
         projection = "kronecker" if backend == "factored" else "dense"
@@ -421,7 +515,7 @@ def _attribute_model_free(
         reject_foreign_options(args, foreign, _NoSettings, args.method)
     else:
         reject_foreign_options(args, args.method_options, config_cls, args.method)
-    train_data, queries = _attribution_data(checkpoints[0], args.queries)
+    train_data, queries = _attribution_data(checkpoints[0], args)
     if args.n_queries is not None:
         queries = queries.select(queries.ids[: args.n_queries])
     began = time.perf_counter()
@@ -449,7 +543,7 @@ def _attribute_model_free(
         scores = pixel_cosine_scores(queries, train_data)
         heatmaps = []
     scores.save(Path(args.out) / "scores" / scores.method)
-    record_run(args.out, scores.method, args.checkpoints, args.queries, _command_settings(args))
+    record_run(args.out, scores.method, _model_paths(args), args.queries, _command_settings(args))
     _print_top(args, scores)
     print(
         f"{scores.method}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
@@ -513,9 +607,18 @@ def _print_top(args: argparse.Namespace, scores: Scores) -> None:
         print(f"query {query_id}: top {proponents.tolist()}  bottom {opponents.tolist()}")
 
 
-def _attribution_data(checkpoint: Any, queries: str) -> tuple[Any, Any]:
-    """The checkpoint's training images, and the queries: its held-out split or a path."""
-    train = checkpoint.training_data()
-    if queries != "held-out":
-        return train, load_dataset(queries)
+def _attribution_data(checkpoint: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The training images (the checkpoint's, or --data), and the queries (held-out or a path).
+
+    ``--prompts`` gives prompts to images that have none (a template); a pipeline's held-out
+    split does not exist, so its queries must be a path.
+    """
+    if args.data is not None:
+        train = load_dataset(args.data, prompts=args.prompts)
+    else:
+        train = checkpoint.training_data()
+    if args.queries != "held-out":
+        return train, load_dataset(args.queries, prompts=args.prompts)
+    if args.data is not None:
+        raise ConfigError("a --pipeline has no held-out split: give --queries PATH")
     return train, checkpoint.heldout_data()

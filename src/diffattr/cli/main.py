@@ -17,7 +17,7 @@ from diffattr.cli._commands import MODEL_FREE_METHODS
 from diffattr.cli._options import add_backend_options, add_dataclass_options
 from diffattr.errors import DiffattrError
 from diffattr.methods import METHODS, DASConfig, NDAConfig, TracInConfig
-from diffattr.models import DEFAULT_STEPS, TrainConfig, available_models
+from diffattr.models import DEFAULT_STEPS, TrainConfig, VAEConfig, available_models
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every checkpoint under OUT/snapshots/ (for TracIn over training)",
     )
+    start = train.add_argument_group("starting point")
+    start.add_argument(
+        "--init",
+        help="checkpoint to start from: the pretrained model a --lora fine-tune adapts, or the "
+        "trained vae-tiny of --model ldm-tiny",
+    )
+    start.add_argument(
+        "--lora",
+        type=int,
+        metavar="RANK",
+        help="fine-tune LoRA adapters of this rank on the --init model's attention projections "
+        "(its model replaces --model); only the adapters train",
+    )
+    start.add_argument(
+        "--lora-alpha", type=float, help="LoRA scale alpha (default: the rank, a scale of 1)"
+    )
     _add_common_options(train)
     add_dataclass_options(train, TrainConfig)
     train.set_defaults(run=_commands.train)
+
+    vae = commands.add_parser(
+        "train-vae", help="train the autoencoder of a latent diffusion model (vae-tiny)"
+    )
+    _add_data_options(vae)
+    vae.add_argument("--out", required=True, help="checkpoint directory")
+    vae.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    _add_common_options(vae)
+    add_dataclass_options(vae, VAEConfig)
+    vae.set_defaults(run=_commands.train_vae)
 
     sample = commands.add_parser("sample", help="generate images from a checkpoint")
     sample.add_argument("checkpoint", help="checkpoint directory")
@@ -61,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help=f"denoising steps (default: {DEFAULT_STEPS})")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default: 0)")
     sample.add_argument("--batch-size", type=int, default=64)
+    sample.add_argument(
+        "--prompt",
+        action="append",
+        help="conditional models: the prompt; repeat it for several, used in turn over the seeds",
+    )
+    sample.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance weight (default: 1, the conditional model alone)",
+    )
     sample.add_argument(
         "--weights",
         choices=["auto", "ema", "raw"],
@@ -108,7 +145,26 @@ def _add_attribute_parser(commands: Any) -> None:
     attribute = commands.add_parser(
         "attribute", help="score query images against a checkpoint's training images"
     )
-    attribute.add_argument("checkpoints", nargs="+", help="checkpoint dir(s); several: ensemble")
+    attribute.add_argument(
+        "checkpoints", nargs="*", help="checkpoint dir(s); several: ensemble (or --pipeline)"
+    )
+    attribute.add_argument(
+        "--pipeline",
+        help="a diffusers pipeline saved with save_pretrained (DDPM or Stable-Diffusion style), "
+        "instead of checkpoints; its training images come from --data",
+    )
+    attribute.add_argument(
+        "--lora-weights",
+        help="--pipeline: LoRA weights to load (default: the pipeline folder's "
+        "pytorch_lora_weights.safetensors, if any)",
+    )
+    attribute.add_argument(
+        "--data", help="--pipeline: the training images (image folder with metadata.jsonl, .npz)"
+    )
+    attribute.add_argument(
+        "--prompts",
+        help="a prompt template for images without prompts, e.g. 'a handwritten {label}'",
+    )
     attribute.add_argument("--out", required=True, help="run directory (features are resumed)")
     attribute.add_argument(
         "--method", choices=sorted([*METHODS, *MODEL_FREE_METHODS]), default="das"
@@ -206,6 +262,16 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--query-fraction", type=float, default=0.1, help="held-out query fraction (default: 0.1)"
     )
     group.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: 0)")
+    group.add_argument(
+        "--prompts",
+        help="a prompt per image from this template, e.g. 'a handwritten {label}' ({label} and "
+        "{id} are replaced); folders and .npz files may carry their own prompts",
+    )
+    group.add_argument(
+        "--labels",
+        type=_int_list,
+        help="keep only the images of these labels, comma-separated (e.g. 0,1,2,3,4)",
+    )
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -5,6 +5,8 @@ A benchmark is a directory::
     benchmark.json          settings, seeds, base model, training ids, query sets, truth plans
     masks.npy               (M, N) bool: the training images subset m keeps (columns: train ids)
     base/                   the base checkpoint, whose recipe every subset model repeats
+    init/                   the pretrained model a LoRA base was fine-tuned from (only then):
+                            every subset model fine-tunes it alike
     queries/<set>.npz       query images and ids of each query set ("heldout", "generated")
     truth/subset-MMMM-seed-S.npz
                             one retrained model's query losses, (R, Q) per query set
@@ -45,17 +47,21 @@ from diffattr.methods import Scores
 from diffattr.models import (
     Checkpoint,
     TrainConfig,
+    condition,
     diffusion_target,
+    is_conditional,
     load_checkpoint,
     predict,
     sample_checkpoint,
     save_checkpoint,
+    to_diffusion_space,
     train,
 )
 
 BENCHMARK_FILE = "benchmark.json"
 MASKS_FILE = "masks.npy"
 TRUTH_FILE = "ground_truth.npz"
+INIT_DIR = "init"
 FORMAT = "diffattr.lds-benchmark"
 FORMAT_VERSION = 1
 QUERY_SETS = ("heldout", "generated")
@@ -95,6 +101,13 @@ class LDSConfig:
         default=2, metadata={"help": "noise draws per timestep of the ground-truth loss"}
     )
     seed: int = field(default=0, metadata={"help": "root seed of masks, queries and truth noise"})
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "conditional models: classifier-free guidance of the generated queries "
+            "(1: the conditional model alone)"
+        },
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -107,6 +120,9 @@ class LDSConfig:
             "truth_timesteps": is_int(self.truth_timesteps) and self.truth_timesteps >= 1,
             "truth_noise_draws": is_int(self.truth_noise_draws) and self.truth_noise_draws >= 1,
             "seed": is_int(self.seed),
+            "guidance_scale": isinstance(self.guidance_scale, float | int)
+            and math.isfinite(self.guidance_scale)
+            and self.guidance_scale >= 0,
         }
         allowed = {
             "num_subsets": "an integer >= 3 (Spearman over subsets)",
@@ -118,6 +134,7 @@ class LDSConfig:
             "truth_timesteps": "an integer >= 1",
             "truth_noise_draws": "an integer >= 1",
             "seed": "an integer",
+            "guidance_scale": "a finite number >= 0",
         }
         for name, ok in checks.items():
             if not ok:
@@ -185,10 +202,13 @@ def query_losses(
 ) -> np.ndarray:
     """Diffusion loss of every query, averaged over each plan's timesteps.
 
+    A conditional model is conditioned on each query's prompt; a latent model's loss is over its
+    latents, as it is trained.
+
     Args:
-        model: The denoiser, called as ``model(x_t, t)``.
+        model: The denoiser, called as ``model(x_t, t)`` (``model(x_t, t, cond)``).
         scheduler_config: Its noise schedule.
-        queries: Q images.
+        queries: Q images (with prompts for a conditional model).
         plans: R plans; plan r gives row r.
         device: Where to run the model.
         batch_size: (query, timestep) pairs per forward pass.
@@ -200,12 +220,13 @@ def query_losses(
         scheduler's target, over pixels and the plan's timesteps.
     """
     scheduler = DDPMScheduler.from_config(scheduler_config)
-    x0 = queries.images.to(device)
+    x0 = to_diffusion_space(model, queries.images.to(device))
+    cond = condition(model, queries.prompts)
     n_queries = len(queries)
     steps_per_batch = max(1, batch_size // max(1, n_queries))
     out = np.zeros((len(plans), n_queries), dtype=np.float64)
     for r, plan in enumerate(plans):
-        noise = _plan_noise(plan, queries, noise_cache, r)
+        noise = _plan_noise(plan, queries.ids, tuple(x0.shape[1:]), noise_cache, r)
         total = torch.zeros(n_queries, dtype=torch.float64, device=device)
         for first in range(0, len(plan), steps_per_batch):
             steps = range(first, min(first + steps_per_batch, len(plan)))
@@ -215,7 +236,8 @@ def query_losses(
             )
             clean = x0.repeat(len(steps), 1, 1, 1)
             x_t = scheduler.add_noise(clean, eps, t)
-            error = predict(model, x_t, t) - diffusion_target(scheduler, clean, eps, t)
+            repeated = None if cond is None else cond.repeat(len(steps), *([1] * (cond.ndim - 1)))
+            error = predict(model, x_t, t, repeated) - diffusion_target(scheduler, clean, eps, t)
             per_pair = error.pow(2).flatten(1).mean(1).double()
             total += per_pair.view(len(steps), n_queries).sum(0)
         out[r] = (total / len(plan)).cpu().numpy()
@@ -223,12 +245,15 @@ def query_losses(
 
 
 def _plan_noise(
-    plan: Plan, queries: ImageDataset, cache: dict[int, torch.Tensor] | None, key: int
+    plan: Plan,
+    ids: np.ndarray,
+    shape: tuple[int, ...],
+    cache: dict[int, torch.Tensor] | None,
+    key: int,
 ) -> torch.Tensor:
     if cache is not None and key in cache:
         return cache[key]
-    shape = tuple(queries.images.shape[1:])
-    noise = torch.stack([plan.noise_for(k, queries.ids, shape) for k in range(len(plan))])
+    noise = torch.stack([plan.noise_for(k, ids, shape) for k in range(len(plan))])
     if cache is not None:
         cache[key] = noise
     return noise
@@ -275,6 +300,7 @@ class LDSBenchmark:
         self.record = record
         self.config = LDSConfig.from_dict(record["config"])
         self.base = load_checkpoint(path / "base")
+        self.init = _open_init(path, record)
         self.train_ids = np.asarray(record["train_ids"], dtype=np.int64)
         self.masks = _load_masks(path, record, len(self.train_ids))
         self.queries = {
@@ -341,6 +367,8 @@ class LDSBenchmark:
         masks = draw_masks(len(train_data), config)
         queries = _draw_queries(base, config, device, progress)
         base_copy = _copy_base(base, path / "base")
+        init = _base_init(base)
+        init_copy = _copy_base(init, path / INIT_DIR) if init is not None else None
         (path / "queries").mkdir(parents=True, exist_ok=True)
         write_npy(path / MASKS_FILE, masks)
         entries = {}
@@ -354,6 +382,7 @@ class LDSBenchmark:
             "config": config.to_dict(),
             "base_weights": base_copy.weights_id(),
             "base_source": str(base.path),
+            "init_weights": None if init_copy is None else init_copy.weights_id(),
             "train_fingerprint": train_data.fingerprint(),
             "train_ids": train_data.ids.tolist(),
             "masks_sha256": sha256_file(path / MASKS_FILE),
@@ -472,6 +501,7 @@ class LDSBenchmark:
             self.subset_recipe(unit),
             model_dir,
             scheduler_config=self.base.scheduler_config,
+            init=self.init,
             device=device,
             progress=False,
         )
@@ -813,14 +843,59 @@ def _draw_queries(
         queries["heldout"] = heldout.select(chosen)
     if config.n_generated:
         seeds = list(range(config.n_generated))
-        images = sample_checkpoint(base, seeds, device=device, progress=progress)
+        prompts = _generation_prompts(base, len(seeds))
+        images = sample_checkpoint(
+            base,
+            seeds,
+            prompts=prompts,
+            guidance_scale=config.guidance_scale,
+            device=device,
+            progress=progress,
+        )
         queries["generated"] = ImageDataset(
             images=images.cpu(),
             ids=np.asarray(seeds, dtype=np.int64),
             name="generated",
+            prompts=prompts,
             source={"kind": "memory"},
         )
     return queries
+
+
+def _base_init(base: Checkpoint) -> Checkpoint | None:
+    """The checkpoint the base started from (a LoRA fine-tune's pretrained model), if any."""
+    record = base.metadata.get("init")
+    if not record:
+        return None
+    init = load_checkpoint(record["path"])
+    if init.weights_id() != record["weights"]:
+        raise BenchmarkError(
+            f"{init.path}, the model {base.path} was fine-tuned from, has changed since (its "
+            "weights differ from the recorded ones)"
+        )
+    return init
+
+
+def _open_init(path: Path, record: dict[str, Any]) -> Checkpoint | None:
+    # Every subset model starts from the same pretrained weights as the base: a copy of them.
+    weights = record.get("init_weights")
+    if weights is None:
+        return None
+    init = load_checkpoint(path / INIT_DIR)
+    if init.weights_id() != weights:
+        raise BenchmarkError(f"{path / INIT_DIR}: weights do not match {BENCHMARK_FILE}")
+    return init
+
+
+def _generation_prompts(base: Checkpoint, n: int) -> list[str] | None:
+    """Prompts of the generated queries: the training set's distinct prompts in turn."""
+    if not is_conditional(base.load_model()):
+        return None
+    prompts = base.training_data().prompts
+    if prompts is None:
+        raise DataError(f"{base.path}: a conditional model whose training data has no prompts")
+    distinct = sorted(set(prompts))
+    return [distinct[i % len(distinct)] for i in range(n)]
 
 
 def _copy_base(base: Checkpoint, target: Path) -> Checkpoint:
@@ -847,6 +922,8 @@ def _save_queries(path: Path, name: str, dataset: ImageDataset) -> dict[str, Any
         arrays["seeds"] = dataset.ids
     if dataset.labels is not None:
         arrays["labels"] = dataset.labels
+    if dataset.prompts is not None:
+        arrays["prompts"] = np.asarray(dataset.prompts, dtype=np.str_)
     file = path / "queries" / f"{name}.npz"
     write_npz(file, arrays)
     save_grid(dataset.images[:64], path / "queries" / f"{name}.png")

@@ -187,6 +187,8 @@ def featurize(
     if config.mixed_precision == "tf32" and torch.device(device).type != "cuda":
         raise ConfigError(f"mixed_precision='tf32' is a CUDA matmul mode; the device is {device}")
     computer, projector = _computer_and_projector(model, scheduler_config, config, device)
+    # Checked before any work: a conditional model needs a prompt per image, others none.
+    computer.condition(None if dataset.prompts is None else list(dataset.prompts[:1]))
     plan = Plan.build(config.plan, computer.num_train_timesteps)
     r, k, steps = computer.num_outputs, projector.proj_dim, len(plan)
     settings = {
@@ -226,10 +228,17 @@ def featurize(
         while start < len(ids):
             batch_ids = ids[start : start + batch_size]
             rows = torch.as_tensor([row_of[int(i)] for i in batch_ids])
+            prompts = None if dataset.prompts is None else [dataset.prompts[r] for r in rows]
             try:
                 with _tf32(config.mixed_precision == "tf32"):
                     mean_grad, values = _batch_gradients(
-                        computer, plan, dataset.images[rows], batch_ids, config.normalize, dtype
+                        computer,
+                        plan,
+                        dataset.images[rows],
+                        prompts,
+                        batch_ids,
+                        config.normalize,
+                        dtype,
                     )
             except (torch.OutOfMemoryError, MemoryError) as err:
                 # Features are per sample, so a smaller batch changes nothing but memory.
@@ -318,17 +327,21 @@ def _tf32(enabled: bool) -> Iterator[None]:
 def _batch_gradients(
     computer: GradientComputer,
     plan: Plan,
-    x0: torch.Tensor,
+    images: torch.Tensor,
+    prompts: list[str] | None,
     ids: np.ndarray,
     normalize: bool,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
     """Plan-averaged (optionally per-step normalised) gradients (B, r, p), and per-step aux.
 
-    With the factored backend the gradients arrive projected: (B, r, k).
+    With the factored backend the gradients arrive projected: (B, r, k). A latent model's
+    images are encoded first; the plan's noise then has the latents' shape.
 
     The gradients are accumulated in ``dtype`` whatever precision the computer works in.
     """
+    x0 = computer.encode(images)
+    cond = computer.condition(prompts)
     batch, steps, r = len(ids), len(plan), computer.num_outputs
     factored = isinstance(computer, FactoredGradientComputer)
     width = computer.proj_dim if factored else computer.num_parameters
@@ -340,10 +353,12 @@ def _batch_gradients(
         noise = plan.noise_for(step, ids, tuple(x0.shape[1:]))
         if factored:
             # Projected already; the norm is the exact one of the unprojected gradient.
-            grads, step_norms, loss, residual = computer.compute_features(x0, int(timestep), noise)
+            grads, step_norms, loss, residual = computer.compute_features(
+                x0, int(timestep), noise, cond
+            )
             grads, step_norms = grads.to(dtype), step_norms.to(dtype)
         else:
-            grads, loss, residual = computer.compute(x0, int(timestep), noise)
+            grads, loss, residual = computer.compute(x0, int(timestep), noise, cond)
             grads = grads.to(dtype)
             step_norms = grads.flatten(1).norm(dim=1)
         if normalize:

@@ -104,13 +104,16 @@ class FactoredGradientComputer(GradientComputer):
             self._rest_modules.setdefault(rest.module, []).append(index)
         self._output_fns: dict[tuple[int, ...], Callable[..., Tensor]] = {}
 
-    def compute_features(self, x0: Tensor, timestep: int, noise: Tensor) -> FactoredBatch:
+    def compute_features(
+        self, x0: Tensor, timestep: int, noise: Tensor, cond: Tensor | None = None
+    ) -> FactoredBatch:
         """Return each sample's projected output gradients, gradient norm, loss and residuals.
 
         Args:
             x0: Tensor (B, C, H, W) of clean images.
             timestep: t in [0, T).
             noise: Tensor (B, C, H, W).
+            cond: The batch's conditioning, as in :meth:`GradientComputer.compute`.
 
         Returns:
             A :class:`FactoredBatch`: features (B, r, k), the factored projection of each
@@ -124,6 +127,7 @@ class FactoredGradientComputer(GradientComputer):
         """
         x_t, target = self._noisy_inputs(x0, timestep, noise)
         batch, r = x_t.shape[0], self.num_outputs
+        self._check_condition(cond, batch)
         if batch == 0:
             empty = self._empty(self.proj_dim)
             return FactoredBatch(empty.grads, empty.losses[:0], empty.losses, empty.residuals)
@@ -139,7 +143,7 @@ class FactoredGradientComputer(GradientComputer):
         try:
             with torch.enable_grad():
                 t = torch.full((batch,), timestep, device=self.device)
-                prediction = predict(self._model, x_t, t)
+                prediction = predict(self._model, x_t, t, cond)
                 losses = (prediction.detach() - target).square().flatten(1).mean(dim=1)
                 values = output_fn(prediction, target)
                 residuals = output_fn(target, target) - values.detach()

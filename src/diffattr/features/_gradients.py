@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from diffattr._config import is_int
 from diffattr.errors import ConfigError, DataError
 from diffattr.features._outputs import OutputConfig, OutputFunction
-from diffattr.models import predict
+from diffattr.models import condition, is_conditional, predict, to_diffusion_space
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -78,8 +78,10 @@ class _Predictor(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return predict(self.model, x_t, t)
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return predict(self.model, x_t, t, cond)
 
 
 class GradientBatch(NamedTuple):
@@ -172,9 +174,34 @@ class GradientComputer:
             target["model." + name] = param.detach()
         self._fixed.update({"model." + name: b for name, b in self._model.named_buffers()})
         self.num_parameters = sum(p.numel() for p in self._params.values())
-        self._per_sample_fns: dict[tuple[int, ...], Callable[..., Any]] = {}
+        self._per_sample_fns: dict[tuple[tuple[int, ...], bool], Callable[..., Any]] = {}
 
-    def compute(self, x0: torch.Tensor, timestep: int, noise: torch.Tensor) -> GradientBatch:
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes a prompt per image (``cond`` of :meth:`compute`)."""
+        return is_conditional(self._model)
+
+    def condition(self, prompts: Sequence[str] | None) -> torch.Tensor | None:
+        """The model's conditioning of ``prompts`` (None for an unconditional model).
+
+        Raises:
+            DataError: Prompts missing for a conditional model, or given to an unconditional one.
+        """
+        cond = condition(self._model, prompts)
+        return None if cond is None else cond.to(self.device)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the model's x0: a latent model's scaled latents, else the images."""
+        images = images.to(device=self.device, dtype=self.dtype)
+        return to_diffusion_space(self._model, images)
+
+    def compute(
+        self,
+        x0: torch.Tensor,
+        timestep: int,
+        noise: torch.Tensor,
+        cond: torch.Tensor | None = None,
+    ) -> GradientBatch:
         """Return each sample's output gradients and diffusion loss at ``timestep``.
 
         The noisy input is x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, and each sample's
@@ -183,9 +210,11 @@ class GradientComputer:
         gradients and their concatenation), so choose B for the model's size.
 
         Args:
-            x0: Tensor (B, C, H, W) of clean images.
+            x0: Tensor (B, C, H, W) of clean images (a latent model's latents, see
+                :meth:`encode`).
             timestep: t in [0, T).
             noise: Tensor (B, C, H, W), the noise added to ``x0``.
+            cond: The batch's conditioning (see :meth:`condition`); None if unconditional.
 
         Returns:
             ``(grads, losses, residuals)``: grads is Tensor (B, r, p), row j of sample b the
@@ -206,9 +235,10 @@ class GradientComputer:
             return self._empty(self.num_parameters)
         t = torch.tensor([timestep], device=self.device)
 
-        grads, (losses, residuals) = self._per_sample_fn(tuple(x0.shape[1:]))(
-            self._params, x_t, target, t
-        )
+        self._check_condition(cond, batch)
+        per_sample = self._per_sample_fn(tuple(x0.shape[1:]), cond is not None)
+        inputs = (self._params, x_t, target, t) + (() if cond is None else (cond,))
+        grads, (losses, residuals) = per_sample(*inputs)
         flat = torch.cat(
             [
                 grads["model." + name].reshape(batch, self.num_outputs, -1)
@@ -250,10 +280,21 @@ class GradientComputer:
             torch.empty((0, self.num_outputs), **like),
         )
 
-    def _per_sample_fn(self, sample_shape: tuple[int, ...]) -> Callable[..., Any]:
+    def _check_condition(self, cond: torch.Tensor | None, batch: int) -> None:
+        if self.conditional and cond is None:
+            raise DataError("the model is conditional: compute() needs the batch's cond")
+        if not self.conditional and cond is not None:
+            raise DataError("the model is unconditional: compute() takes no cond")
+        if cond is not None and cond.shape[0] != batch:
+            raise DataError(f"cond has {cond.shape[0]} rows for a batch of {batch} images")
+
+    def _per_sample_fn(
+        self, sample_shape: tuple[int, ...], conditioned: bool
+    ) -> Callable[..., Any]:
         # Built per sample shape: output_projection's directions have D = prod(sample_shape).
-        if sample_shape in self._per_sample_fns:
-            return self._per_sample_fns[sample_shape]
+        key = (sample_shape, conditioned)
+        if key in self._per_sample_fns:
+            return self._per_sample_fns[key]
         output_fn = OutputFunction(self._output, sample_shape, dtype=self.dtype, device=self.device)
         wrapper, fixed = self._wrapper, self._fixed
 
@@ -262,8 +303,10 @@ class GradientComputer:
             x_t: torch.Tensor,
             target: torch.Tensor,
             t: torch.Tensor,
+            *cond: torch.Tensor,
         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-            prediction = functional_call(wrapper, (params, fixed), (x_t[None], t))[0]
+            args = (x_t[None], t, *(c[None] for c in cond))
+            prediction = functional_call(wrapper, (params, fixed), args)[0]
             loss = (prediction - target).square().mean()
             values = output_fn(prediction, target)
             # f(target) - f(prediction): the residual of a linear output (DAS's rho).
@@ -282,8 +325,9 @@ class GradientComputer:
             # the r output directions); vmap over directions of grad(u_j . eps_hat) reruns the
             # forward r times and measured ~25% slower (unet-tiny 16x16, r=8, batch 16, CPU).
             per_sample = jacrev(outputs, has_aux=True)
-        fn = vmap(per_sample, in_dims=(None, 0, 0, None))
-        self._per_sample_fns[sample_shape] = fn
+        in_dims = (None, 0, 0, None, 0) if conditioned else (None, 0, 0, None)
+        fn = vmap(per_sample, in_dims=in_dims)
+        self._per_sample_fns[key] = fn
         return fn
 
     def _check_images(self, x0: torch.Tensor, noise: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from diffattr._io import atomic_write, read_format, read_json, sha256_file, writ
 from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_from_source
 from diffattr.errors import CheckpointError, DataError
-from diffattr.models._registry import ModelSpec, build_model
+from diffattr.models._registry import ModelSpec, build_model, load_weights
 
 CHECKPOINT_FILE = "checkpoint.json"
 FORMAT = "diffattr.checkpoint"
@@ -85,15 +85,12 @@ class Checkpoint:
         Raises:
             CheckpointError: The requested weights are missing or do not fit the model.
         """
-        role = self._role(weights)
-        model = build_model(self.model_spec)
-        state = self.load_state(role)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{self.path}: {role} weights do not fit the model: {err}"
-            ) from err
+        role = self.weights_role(weights)
+        # Initialisation draws (LoRA adapters' included) are overwritten by the weights: keep
+        # them off the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(self.model_spec)
+        load_weights(model, self.load_state(role), f"{self.path}: {role} weights")
         return model.to(device).eval()
 
     def load_scheduler(
@@ -108,9 +105,10 @@ class Checkpoint:
 
         It identifies the model in feature stores, so features of other weights are never mixed.
         """
-        return str(self.describe()["files"][self._role(weights)]["sha256"])
+        return str(self.describe()["files"][self.weights_role(weights)]["sha256"])
 
-    def _role(self, weights: WeightsChoice) -> str:
+    def weights_role(self, weights: WeightsChoice = "auto") -> str:
+        """The weight file (``ema`` or ``model``) that ``weights`` names for this checkpoint."""
         if weights == "auto":
             return "ema" if self.has_ema else "model"
         return "model" if weights == "raw" else weights

@@ -11,8 +11,11 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from diffattr.errors import ConfigError, UnknownModelError
+from diffattr.errors import CheckpointError, ConfigError, UnknownModelError
+from diffattr.models._conditional import text_to_image_unet
+from diffattr.models._lora import LoRAConfig, add_lora
 from diffattr.models._mlp import ResidualMLP
+from diffattr.models._vae import vae_tiny_config
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -23,21 +26,40 @@ class ModelSpec:
         name: A registry name such as ``"unet-tiny"``, or an importable ``"package.module:factory"``
             whose factory accepts ``**config`` and returns a torch module.
         config: JSON-serialisable keyword arguments of the model's constructor or factory.
+        lora: LoRA adapters on the built model (:class:`~diffattr.models.LoRAConfig` as a
+            dict), or None. A spec with adapters is a fine-tune: only the adapters train.
     """
 
     name: str
     config: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lora is not None:
+            # Validated (and normalised) at the edge, so a bad adapter spec never reaches peft.
+            object.__setattr__(self, "lora", LoRAConfig.from_dict(self.lora).to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """Return the spec as a JSON-serialisable dict (inverse of :meth:`from_dict`)."""
-        return {"name": self.name, "config": dict(self.config)}
+        data: dict[str, Any] = {"name": self.name, "config": dict(self.config)}
+        if self.lora is not None:
+            data["lora"] = dict(self.lora)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """Rebuild a spec written by :meth:`to_dict`."""
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             raise ConfigError(f"model spec must be a dict with a string 'name', got {data!r}")
-        return cls(name=data["name"], config=dict(data.get("config") or {}))
+        return cls(name=data["name"], config=dict(data.get("config") or {}), lora=data.get("lora"))
+
+    def without_lora(self) -> ModelSpec:
+        """The spec of the pretrained model the adapters fine-tune."""
+        return ModelSpec(name=self.name, config=dict(self.config))
+
+    def with_lora(self, config: LoRAConfig) -> ModelSpec:
+        """This model fine-tuned by LoRA adapters."""
+        return ModelSpec(name=self.name, config=dict(self.config), lora=config.to_dict())
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +103,49 @@ def _unet_cifar(in_channels: int, sample_size: int) -> dict[str, Any]:
     }
 
 
+def _cunet_tiny(in_channels: int, sample_size: int) -> dict[str, Any]:
+    # unet-tiny's shape with cross-attention on the prompt in the first level and the mid block.
+    return {
+        "in_channels": in_channels,
+        "sample_size": sample_size,
+        "unet": _conditional_unet(in_channels, sample_size),
+        "text": {"max_length": 32},
+    }
+
+
+def _ldm_tiny(in_channels: int, sample_size: int) -> dict[str, Any]:
+    # cunet-tiny on the 4-channel latents of vae-tiny (2x smaller sides); latent_scale and the
+    # autoencoder's weights come from a trained vae-tiny (see `train(..., init=...)`).
+    vae = vae_tiny_config(in_channels, sample_size)
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    if sample_size % factor:
+        raise ConfigError(f"ldm-tiny needs an image side divisible by {factor}, got {sample_size}")
+    latent_side = sample_size // factor
+    return {
+        "in_channels": in_channels,
+        "sample_size": sample_size,
+        "unet": _conditional_unet(vae["latent_channels"], latent_side),
+        "text": {"max_length": 32},
+        "vae": vae,
+        "latent_scale": 1.0,
+    }
+
+
+def _conditional_unet(channels: int, side: int) -> dict[str, Any]:
+    return {
+        "sample_size": side,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 32,
+    }
+
+
 def _mlp_tiny(in_channels: int, sample_size: int) -> dict[str, Any]:
     return {"in_channels": in_channels, "sample_size": sample_size, "width": 256, "depth": 3}
 
@@ -95,6 +160,16 @@ _REGISTRY: dict[str, _Entry] = {
         "diffusers UNet2DModel, the 36M-parameter DDPM CIFAR-10 configuration; for a GPU",
         _unet_cifar,
         UNet2DModel,
+    ),
+    "cunet-tiny": _Entry(
+        "diffusers UNet2DConditionModel with a byte-level prompt encoder; text-conditioned",
+        _cunet_tiny,
+        text_to_image_unet,
+    ),
+    "ldm-tiny": _Entry(
+        "cunet-tiny on the latents of a trained vae-tiny autoencoder (latent diffusion)",
+        _ldm_tiny,
+        text_to_image_unet,
     ),
     "mlp-tiny": _Entry(
         "residual MLP on flattened pixels (width 256, 3 blocks); the fastest CPU model",
@@ -143,13 +218,53 @@ def model_spec(
     return ModelSpec(name=name, config={**config, **(overrides or {})})
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
+def build_model(spec: ModelSpec, base_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Build a freshly initialised model from a spec (weights are loaded separately).
+
+    Args:
+        spec: The model.
+        base_state: Weights of the pretrained model to load before the spec's LoRA adapters are
+            added (a fine-tune starts from them); the adapters themselves start as the identity.
 
     Raises:
         UnknownModelError: The spec's name cannot be resolved.
         ConfigError: The constructor rejects the config.
+        CheckpointError: ``base_state`` does not fit the model.
     """
+    model = _build_plain(spec)
+    if base_state is not None:
+        load_weights(model, base_state, "pretrained weights")
+    if spec.lora is not None:
+        add_lora(model, LoRAConfig.from_dict(spec.lora))
+    return model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch names its first differing keys.
+
+    Raises:
+        CheckpointError: The keys or shapes do not match.
+    """
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{key} ({list(state[key].shape)} given, {list(value.shape)} expected)"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            problems.append(f"{len(keys)} {label}, e.g. {', '.join(keys[:2])}")
+    if problems:
+        raise CheckpointError(
+            f"{what} do not fit the model ({type(model).__name__}): {'; '.join(problems)}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _build_plain(spec: ModelSpec) -> nn.Module:
     factory = _factory(spec.name)
     try:
         model = factory(**spec.config)
@@ -162,8 +277,16 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return model
 
 
-def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-    """Call ``model(x_t, t)`` and return its prediction as a tensor shaped like ``x_t``.
+def predict(
+    model: nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor | int,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Call ``model(x_t, t)`` (``model(x_t, t, cond)`` if conditioned) and return the prediction.
+
+    The prediction is a tensor shaped like ``x_t``; ``cond`` is the model's conditioning of the
+    batch (see :func:`~diffattr.models.condition`), None for unconditional models.
 
     Accepts diffusers outputs (an object with ``.sample``), tuples whose first entry is the
     prediction, and plain tensors, so any module with the ``model(x_t, t)`` signature works.
@@ -171,7 +294,7 @@ def predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor | int) -> torch
     Raises:
         TypeError: The model returned something else, or a tensor of the wrong shape.
     """
-    out = model(x_t, t)
+    out = model(x_t, t) if cond is None else model(x_t, t, cond)
     if not isinstance(out, torch.Tensor):
         sample = getattr(out, "sample", None)
         out = sample if isinstance(sample, torch.Tensor) else out

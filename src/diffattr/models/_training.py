@@ -29,7 +29,15 @@ from diffattr.models._checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from diffattr.models._registry import ModelSpec, build_model, count_parameters, predict
+from diffattr.models._conditional import condition, to_diffusion_space
+from diffattr.models._registry import (
+    ModelSpec,
+    build_model,
+    count_parameters,
+    load_weights,
+    predict,
+)
+from diffattr.models._vae import vae_latent_scale
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,6 +61,13 @@ class TrainConfig:
     checkpoint_every: int = field(
         default=1000, metadata={"help": "save a resumable checkpoint every this many steps"}
     )
+    condition_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "conditional models: probability of training an image with the empty "
+            "prompt, for classifier-free guidance"
+        },
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -64,6 +79,7 @@ class TrainConfig:
             "ema_decay": self.ema_decay is None or 0 < self.ema_decay < 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
             "checkpoint_every": self.checkpoint_every >= 0,
+            "condition_dropout": 0 <= self.condition_dropout < 1,
         }
         allowed = {
             "steps": ">= 1",
@@ -74,6 +90,7 @@ class TrainConfig:
             "ema_decay": "None or in (0, 1)",
             "grad_clip": "None or > 0",
             "checkpoint_every": ">= 0 (0: only the final checkpoint)",
+            "condition_dropout": "in [0, 1)",
         }
         for name, ok in checks.items():
             if not ok:
@@ -125,6 +142,7 @@ def train(
     *,
     split: DatasetSplit | None = None,
     scheduler_config: dict[str, Any] | None = None,
+    init: Checkpoint | None = None,
     device: str | torch.device = "cpu",
     until: int | None = None,
     overwrite: bool = False,
@@ -133,15 +151,24 @@ def train(
 ) -> Checkpoint:
     """Train a diffusion model on ``dataset``, resuming from ``out_dir`` if it holds a checkpoint.
 
+    Conditional models (``cunet-tiny``, ``ldm-tiny``) train on the dataset's prompts, each image
+    with the empty prompt instead with probability ``config.condition_dropout`` (so that
+    sampling can use classifier-free guidance). Latent models train on the scaled latents of
+    their autoencoder.
+
     Args:
         spec: The model to build (see :func:`diffattr.models.model_spec`).
-        dataset: The training images, (N, C, H, W) in [-1, 1].
+        dataset: The training images, (N, C, H, W) in [-1, 1], with prompts for a conditional
+            model.
         config: The recipe.
-        out_dir: Checkpoint directory; a checkpoint there from the same spec, recipe, scheduler
-            and data is resumed (a finished one is returned as it is).
+        out_dir: Checkpoint directory; a checkpoint there from the same spec, recipe, scheduler,
+            data and initial weights is resumed (a finished one is returned as it is).
         split: The split ``dataset`` came from, recorded in the checkpoint.
         scheduler_config: diffusers noise-scheduler config (default:
             :func:`default_scheduler_config`).
+        init: Where training starts: the pretrained checkpoint that a spec with LoRA adapters
+            fine-tunes (its EMA weights when it has them), or the trained ``vae-tiny`` of a
+            latent model. It is recorded (path and weights hash) in the checkpoint.
         device: Where to train ("cpu", "cuda", "cuda:1"...).
         until: Stop after this many steps in total (for time-boxed jobs); resume later.
         overwrite: Start afresh even if ``out_dir`` holds a different run.
@@ -155,7 +182,8 @@ def train(
     Raises:
         CheckpointError: ``out_dir`` holds a checkpoint of a different run and ``overwrite`` is
             False, or holds a corrupted one.
-        ConfigError: The data does not fit the model.
+        ConfigError: The data does not fit the model, or ``init`` does not fit the spec.
+        DataError: A conditional model's images have no prompts, or an unconditional model's do.
     """
     out_dir = Path(out_dir)
     scheduler_config = scheduler_config or default_scheduler_config()
@@ -164,13 +192,15 @@ def train(
         "training": config.to_dict(),
         "dataset": dataset.describe(),
         "split": split.to_dict() if split is not None else None,
+        "init": None if init is None else {"path": str(init.path), "weights": init.weights_id()},
     }
     _check_fits(spec, dataset)
-    model = _seeded_model(spec, config.seed).to(device)
+    model = _seeded_model(spec, config.seed, init).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # foreach: one fused kernel per operation over all tensors (the per-tensor default is ~4x
     # slower for small models, where optimiser overhead rivals the forward and backward).
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
+        trainable, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
     )
     ema = _Ema(model, config.ema_decay) if config.ema_decay is not None else None
     start = 0
@@ -182,7 +212,9 @@ def train(
     if start >= stop:
         return load_checkpoint(out_dir)
 
-    images = dataset.images.to(device)
+    images = _diffusion_inputs(model, dataset, device)
+    cond = condition(model, dataset.prompts)
+    empty = condition(model, [""]) if cond is not None else None
     batch_size = min(config.batch_size, len(dataset))
     steps_per_epoch = len(dataset) // batch_size
     model.train()
@@ -199,7 +231,12 @@ def train(
         t = t.to(device)
         x_t = scheduler.add_noise(x0, noise, t)
         target = diffusion_target(scheduler, x0, noise, t)
-        loss = torch.nn.functional.mse_loss(predict(model, x_t, t), target)
+        batch_cond = None
+        if cond is not None and empty is not None:
+            dropped = torch.rand(batch_size, generator=generator(config.seed, "train-drop", step))
+            keep = (dropped >= config.condition_dropout).to(device)
+            batch_cond = torch.where(_expand(keep, cond), cond[index], empty)
+        loss = torch.nn.functional.mse_loss(predict(model, x_t, t, batch_cond), target)
         if not torch.isfinite(loss):
             raise ConfigError(
                 f"training diverged at step {step} (loss {loss.item()}); lower the LR"
@@ -209,7 +246,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
         if ema is not None:
             ema.update(model, step)
@@ -234,6 +271,18 @@ def train(
     return load_checkpoint(out_dir, verify=False)
 
 
+def _diffusion_inputs(
+    model: torch.nn.Module, dataset: ImageDataset, device: str | torch.device
+) -> torch.Tensor:
+    # A latent model's images are encoded once: the autoencoder is frozen.
+    images = dataset.images.to(device)
+    return torch.cat([to_diffusion_space(model, chunk) for chunk in images.split(256)])
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1, *([1] * (like.ndim - 1)))
+
+
 def _check_fits(spec: ModelSpec, dataset: ImageDataset) -> None:
     channels = spec.config.get("in_channels")
     size = spec.config.get("sample_size")
@@ -250,14 +299,48 @@ def _check_fits(spec: ModelSpec, dataset: ImageDataset) -> None:
         )
 
 
-def _seeded_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
+def _seeded_model(spec: ModelSpec, seed: int, init: Checkpoint | None) -> torch.nn.Module:
     # Fork the global RNG so that initialisation is seeded without touching the caller's state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "init"))
-        model = build_model(spec)
+        if spec.lora is not None:
+            if init is None:
+                raise ConfigError(
+                    "a LoRA fine-tune starts from a pretrained model: pass its checkpoint as init"
+                )
+            _check_base(spec, init)
+            model = build_model(spec, base_state=init.load_state(init.weights_role()))
+        else:
+            model = build_model(spec)
+            if init is not None:
+                _load_autoencoder(model, spec, init)
     if count_parameters(model) == 0:
         raise ConfigError(f"model {spec.name!r} has no trainable parameters")
     return model
+
+
+def _check_base(spec: ModelSpec, init: Checkpoint) -> None:
+    if init.model_spec.to_dict() != spec.without_lora().to_dict():
+        raise ConfigError(
+            f"{init.path} holds a {init.model_spec.name!r} model of another configuration than "
+            f"the one the adapters fine-tune ({spec.name!r}); fine-tune the model it holds"
+        )
+
+
+def _load_autoencoder(model: torch.nn.Module, spec: ModelSpec, init: Checkpoint) -> None:
+    vae = getattr(model, "vae", None)
+    if vae is None:
+        raise ConfigError(
+            f"init={init.path} given, but {spec.name!r} has neither LoRA adapters to fine-tune "
+            "nor an autoencoder to load"
+        )
+    scale = vae_latent_scale(init)
+    if not math.isclose(scale, float(spec.config.get("latent_scale", 1.0)), rel_tol=1e-6):
+        raise ConfigError(
+            f"the model's latent_scale {spec.config.get('latent_scale')} is not the "
+            f"autoencoder's ({scale}): build the spec with latent_scale={scale}"
+        )
+    load_weights(vae, init.load_state("model"), f"{init.path}: autoencoder weights")
 
 
 def diffusion_target(
@@ -358,17 +441,21 @@ def _check_same_run(
     scheduler_config: dict[str, Any],
     metadata: dict[str, Any],
 ) -> None:
+    # Recipes compare as settings, so a field added later with its default matches old records.
+    stored_recipe = previous.metadata.get("training")
     current = {
         "model": spec.to_dict(),
         "scheduler": _comparable(scheduler_config),
-        "training": metadata["training"],
+        "training": TrainConfig.from_dict(metadata["training"]).to_dict(),
         "dataset": metadata["dataset"]["fingerprint"],
+        "initial weights": (metadata["init"] or {}).get("weights"),
     }
     stored = {
         "model": previous.model_spec.to_dict(),
         "scheduler": _comparable(previous.scheduler_config),
-        "training": previous.metadata.get("training"),
+        "training": TrainConfig.from_dict(stored_recipe).to_dict() if stored_recipe else None,
         "dataset": (previous.metadata.get("dataset") or {}).get("fingerprint"),
+        "initial weights": (previous.metadata.get("init") or {}).get("weights"),
     }
     differing = [
         key
