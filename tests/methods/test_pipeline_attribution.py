@@ -14,7 +14,7 @@ from diffattr.features import FeatureConfig, FeatureStore, PlanConfig, Projectio
 from diffattr.methods import DAS, attribute
 from diffattr.models import lora_parameter_names
 from diffattr.models._pipeline import Pipeline, load_pipeline
-from tests.models.test_pipeline import offline, save_lora_for, save_sd_pipeline  # noqa: F401
+from tests.models.pipeline_helpers import offline, save_lora_for, save_sd_pipeline  # noqa: F401
 
 # `offline` is an autouse fixture: no hub access here either.
 

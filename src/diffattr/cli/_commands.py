@@ -134,7 +134,11 @@ def _train_spec(args: argparse.Namespace, dataset: ImageDataset, init: Checkpoin
         return init.model_spec.with_lora(LoRAConfig(rank=args.lora, alpha=args.lora_alpha))
     if args.lora_alpha is not None:
         raise ConfigError("--lora-alpha applies to a --lora fine-tune only")
-    overrides = {"latent_scale": vae_latent_scale(init)} if init is not None else None
+    spec = model_spec(args.model, in_channels=dataset.channels, sample_size=_side(dataset))
+    if init is None or "vae" not in spec.config:
+        # train() explains an --init that fits neither a fine-tune nor an autoencoder.
+        return spec
+    overrides = {"latent_scale": vae_latent_scale(init)}
     return model_spec(
         args.model, in_channels=dataset.channels, sample_size=_side(dataset), overrides=overrides
     )

@@ -260,7 +260,11 @@ def condition(model: nn.Module, prompts: Sequence[str] | None) -> torch.Tensor |
             )
         return None
     if prompts is None:
-        raise DataError("the model is conditional: the images need a prompt each")
+        raise DataError(
+            "the model is conditional: the images need a prompt each (a template such as "
+            "--prompts 'a photo of {label}', a folder's metadata.jsonl, or an .npz 'prompts' "
+            "array; --prompt when sampling)"
+        )
     return model.condition(prompts)
 
 

@@ -44,6 +44,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from diffattr._io import atomic_write, read_json, sha256_file
 from diffattr.errors import CheckpointError, ConfigError
@@ -410,10 +411,16 @@ def _pretrained(cls: type[ModelMixin] | type[CLIPTextModel], folder: Path) -> nn
     # float32 whatever the saved precision (the feature engine casts to the one it needs).
     # transformers 5 names the option dtype and defaults to the saved precision.
     dtype = {"torch_dtype" if issubclass(cls, ModelMixin) else "dtype": torch.float32}
+    # transformers 5 shows a "Loading weights" bar on every load: progress is the caller's.
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, **dtype)
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{folder}: cannot load {cls.__name__} ({err})") from err
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _meta_unet(folder: Path) -> UNet2DConditionModel:

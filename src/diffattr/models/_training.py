@@ -335,6 +335,17 @@ def _load_autoencoder(model: torch.nn.Module, spec: ModelSpec, init: Checkpoint)
             "nor an autoencoder to load"
         )
     scale = vae_latent_scale(init)
+    expected = spec.config.get("vae") or {}
+    differing = sorted(
+        key
+        for key in set(expected) | set(init.model_spec.config)
+        if expected.get(key) != init.model_spec.config.get(key)
+    )
+    if differing:
+        raise ConfigError(
+            f"{init.path} is an autoencoder of another configuration than {spec.name!r} "
+            f"expects (its {', '.join(differing)} differ): train one for these images"
+        )
     if not math.isclose(scale, float(spec.config.get("latent_scale", 1.0)), rel_tol=1e-6):
         raise ConfigError(
             f"the model's latent_scale {spec.config.get('latent_scale')} is not the "

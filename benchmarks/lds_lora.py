@@ -1,0 +1,210 @@
+"""LDS and cost in the LoRA setting: attribution over the adapter's parameters or all of them.
+
+    .venv/bin/python benchmarks/lds_lora.py                     # benchmarks/digits-lora
+    .venv/bin/python benchmarks/lds_lora.py --timesteps 10 --proj-dim 2048 --threads 1
+
+The benchmark (``build_digits_lora.sh``) is the Stable-Diffusion protocol of D-TRAK and DAS at
+digit scale: a text-conditioned model pretrained on the digits 0-4, a LoRA fine-tune on 5-9, and
+the fine-tune's generations attributed to the fine-tuning set. Every gradient method runs on the
+fine-tuned model with the library's defaults (the backend rule of ``diffattr attribute``, which
+picks the factored backend here). "LoRA parameters" differentiates the adapters only (what a LoRA
+checkpoint's trainable parameters are); "all parameters" differentiates every weight of the
+fine-tuned model (the pretrained weights, the adapters and the prompt encoder). For both DAS rows
+the table gives the featurisation time (training set and both query sets) and its peak memory
+over the process's baseline (RSS; CUDA allocator on a GPU).
+
+Writes ``benchmarks/results/lds-digits-lora.json`` and ``.md`` and the table between the
+``<!-- lds:digits-lora -->`` markers of ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench_factored import _Memory as PeakMemory
+from diffattr.data import ImageDataset
+from diffattr.evaluation import LDSBenchmark, LDSResult, lds_score
+from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig, choose_backend
+from diffattr.methods import (
+    DAS,
+    DTRAK,
+    TRAK,
+    DASConfig,
+    DTRAKConfig,
+    NDAConfig,
+    Scores,
+    TRAKConfig,
+    attribute,
+    nda_scores,
+    pixel_cosine_scores,
+    random_scores,
+)
+from diffattr.models import Checkpoint
+from lds_table import markdown
+
+HERE = Path(__file__).resolve().parent
+Scorer = Callable[[ImageDataset], Scores]
+
+
+@dataclass(frozen=True)
+class AllParameters:
+    """The fine-tuned checkpoint with every parameter trainable, for attribution over all."""
+
+    checkpoint: Checkpoint
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.checkpoint.scheduler_config
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.checkpoint.metadata
+
+    def weights_id(self, weights: str = "auto") -> str:
+        return self.checkpoint.weights_id(weights)  # type: ignore[arg-type]
+
+    def load_model(self, weights: str = "auto", device: str = "cpu") -> nn.Module:
+        model = self.checkpoint.load_model(weights, device)  # type: ignore[arg-type]
+        return model.requires_grad_(True)
+
+
+def features_for(model: nn.Module, args: argparse.Namespace) -> FeatureConfig:
+    """The CLI's defaults: the backend rule, and the projection that goes with it."""
+    backend = choose_backend(model, None).backend
+    kind = "kronecker" if backend == "factored" else "dense"
+    return FeatureConfig(
+        plan=PlanConfig(num_steps=args.timesteps),
+        projection=ProjectionConfig(kind=kind, dim=args.proj_dim, max_memory_mb=4096),
+        backend=backend,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmark", default=str(HERE / "digits-lora"))
+    parser.add_argument("--timesteps", type=int, default=10)
+    parser.add_argument("--proj-dim", type=int, default=2048)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--run", default="runs/lds-lora", help="feature stores")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="+", help="only these row labels")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    benchmark = LDSBenchmark.open(args.benchmark)
+    run = Path(args.run) / benchmark.path.name
+    train_data = benchmark.train_data()
+    base = benchmark.base
+    whole = AllParameters(base)
+
+    def gradient(method: object, source: Any, folder: str) -> Scorer:
+        settings = features_for(source.load_model(), args)
+
+        def score(queries: ImageDataset) -> Scores:
+            return attribute(
+                method,  # type: ignore[arg-type]
+                [source],
+                train_data,
+                queries,
+                settings,
+                run / folder,
+                batch_size=64,
+                chunk_size=2048,
+                progress=False,
+            )
+
+        return score
+
+    rows: dict[str, Scorer] = {
+        "DAS, LoRA parameters": gradient(DAS(DASConfig()), base, "lora"),
+        "DAS, all parameters": gradient(DAS(DASConfig()), whole, "all"),
+        "D-TRAK, LoRA parameters": gradient(DTRAK(DTRAKConfig()), base, "lora"),
+        "TRAK, LoRA parameters": gradient(TRAK(TRAKConfig()), base, "lora"),
+        "NDA": lambda q: nda_scores(
+            q, train_data, NDAConfig(), scheduler_config=base.scheduler_config
+        ),
+        "pixel cosine": lambda q: pixel_cosine_scores(q, train_data),
+        "random": lambda q: random_scores(q, train_data, seed=0),
+    }
+    if args.only:
+        rows = {label: fn for label, fn in rows.items() if label in args.only}
+    parameters = {
+        "LoRA": sum(p.numel() for p in base.load_model().parameters() if p.requires_grad),
+        "all": sum(p.numel() for p in whole.load_model().parameters()),
+    }
+    results: list[tuple[str, LDSResult, float]] = []
+    costs: dict[str, dict[str, float]] = {}
+    for label, score in rows.items():
+        memory = PeakMemory(torch.device("cpu"))
+        total = 0.0
+        for query_set, queries in benchmark.queries.items():
+            began = time.perf_counter()
+            scores = score(queries)
+            seconds = time.perf_counter() - began
+            total += seconds
+            scores.save(run / "rows" / re.sub(r"[^a-z0-9]+", "-", label.lower()) / query_set)
+            result = lds_score(benchmark, scores, query_set, n_bootstrap=args.bootstrap)
+            results.append((label, result, seconds))
+            print(
+                f"{label:26s} {query_set:9s} LDS {result.lds:6.3f} "
+                f"[{result.ci[0]:6.3f}, {result.ci[1]:6.3f}]  {seconds:6.1f} s",
+                flush=True,
+            )
+        costs[label] = {"seconds": round(total, 1), "peak_extra_mb": round(memory.extra_mb(), 1)}
+    table = markdown(results, args).replace(
+        "(dense Gaussian; the factored rows: the same total k as per-layer Kronecker factors, "
+        "see benchmarks/README.md)",
+        "(the backend rule's choice, factored: per-layer Kronecker factors, then sparse to k)",
+    )
+    cost_lines = [
+        "",
+        "| method | parameters differentiated | seconds (train + queries) | peak extra MB |",
+    ]
+    cost_lines.append("|---|---|---|---|")
+    for label, key in (("DAS, LoRA parameters", "LoRA"), ("DAS, all parameters", "all")):
+        if label in costs:
+            cost = costs[label]
+            cost_lines.append(
+                f"| {label} | {parameters[key]:,} | {cost['seconds']} | {cost['peak_extra_mb']} |"
+            )
+    table += "\n" + "\n".join(cost_lines)
+    print("\n" + table)
+    out = HERE / "results" / "lds-digits-lora"
+    settings = {
+        "timesteps": args.timesteps,
+        "proj_dim": args.proj_dim,
+        "benchmark": benchmark.id,
+        "threads": args.threads,
+        "parameters": parameters,
+    }
+    records = [{"label": lb, "seconds": round(s, 2), **r.to_dict()} for lb, r, s in results]
+    out.with_suffix(".json").write_text(
+        json.dumps({"settings": settings, "results": records, "costs": costs}, indent=1) + "\n"
+    )
+    out.with_suffix(".md").write_text(table + "\n")
+    readme = HERE / "README.md"
+    marker = "<!-- lds:digits-lora -->"
+    if readme.exists() and readme.read_text().count(marker) == 2:
+        text = readme.read_text()
+        pattern = re.escape(marker) + r".*?" + re.escape(marker)
+        readme.write_text(
+            re.sub(pattern, lambda _: f"{marker}\n{table}\n{marker}", text, flags=re.S)
+        )
+        print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()
