@@ -16,6 +16,7 @@ from diffattr.features import (
     PlanConfig,
     ProjectionConfig,
     choose_backend,
+    estimate_featurization,
     featurize,
 )
 from diffattr.features._gradients import use_batchable_attention
@@ -148,3 +149,23 @@ def test_latent_models_are_featurised_on_their_latents(tmp_path, backend: str) -
     assert store.array("features").shape == (4, 1, 16)
     computer = GradientComputer(model, default_scheduler_config(), OutputConfig())
     assert computer.encode(data.images).shape == (4, 4, 8, 8)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "factored"])
+@pytest.mark.parametrize(("name", "size"), [("cunet-tiny", 8), ("ldm-tiny", 16)])
+def test_plans_probe_conditional_and_latent_models(backend: str, name: str, size: int) -> None:
+    model = random_model(lora=True, name=name, size=size)
+    estimate = estimate_featurization(
+        model,
+        default_scheduler_config(),
+        image_shape=(1, size, size),
+        n_samples=100,
+        timesteps=10,
+        proj_dim=16,
+        batch_size=2,
+        repeats=1,
+        backend=backend,
+    )
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate.parameters == lora
+    assert estimate.probe["seconds_per_gradient_pair"] > 0

@@ -9,7 +9,13 @@ from typing import Any
 from diffattr._device import resolve_device
 from diffattr.cli._options import add_backend_options
 from diffattr.features import choose_backend, estimate_featurization
-from diffattr.models import available_models, build_model, default_scheduler_config, model_spec
+from diffattr.models import (
+    LoRAConfig,
+    available_models,
+    build_model,
+    default_scheduler_config,
+    model_spec,
+)
 
 
 def add_parser(commands: Any) -> None:
@@ -32,6 +38,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--parameters", nargs="+", metavar="GLOB", help="only parameters matching these globs"
     )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        metavar="RANK",
+        help="plan attribution over LoRA adapters of this rank (what a fine-tune's are)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-memory-mb", type=int, default=4096)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -43,6 +55,8 @@ def plan_command(args: argparse.Namespace) -> None:
     """Build the model from its config (no weights needed), probe, and print the estimate."""
     device = resolve_device(args.device)
     spec = model_spec(args.model, in_channels=args.channels, sample_size=args.image_size)
+    if args.lora is not None:
+        spec = spec.with_lora(LoRAConfig(rank=args.lora))
     model = build_model(spec).to(device)
     n = args.n_train + args.n_queries
     choice = choose_backend(model, args.parameters)

@@ -180,8 +180,10 @@ def estimate_featurization(
     )
     p, r = computer.num_parameters, computer.num_outputs
     batch = max(1, min(batch_size, n_samples))
-    x0, noise = _probe_inputs(batch, image_shape, device)
-    grad_seconds, measured_peak = _probe(lambda: computer.compute(x0, 500, noise), repeats, device)
+    x0, noise, cond = _probe_inputs(computer, batch, image_shape, device)
+    grad_seconds, measured_peak = _probe(
+        lambda: computer.compute(x0, 500, noise, cond), repeats, device
+    )
 
     matrix_bytes = p * proj_dim * 4
     kept = matrix_bytes <= max_memory_mb * _MB
@@ -251,9 +253,9 @@ def _estimate_factored(
     layout = computer.layout
     p, r, k = computer.num_parameters, computer.num_outputs, computer.proj_dim
     batch = max(1, min(batch_size, n_samples))
-    x0, noise = _probe_inputs(batch, image_shape, device)
+    x0, noise, cond = _probe_inputs(computer, batch, image_shape, device)
     seconds_per_batch, measured_peak = _probe(
-        lambda: computer.compute_features(x0, 500, noise), repeats, device
+        lambda: computer.compute_features(x0, 500, noise, cond), repeats, device
     )
     largest = max((block.d_out * block.d_in for block in layout.blocks), default=0)
     memory = {
@@ -288,13 +290,23 @@ def _estimate_factored(
 
 
 def _probe_inputs(
-    batch: int, image_shape: tuple[int, int, int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    x0 = torch.zeros((batch, *image_shape)).uniform_(
+    computer: GradientComputer,
+    batch: int,
+    image_shape: tuple[int, int, int],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random images as the model sees them (latents for a latent model), and noise.
+
+    A conditional model also gets the empty prompt's conditioning: the cost does not depend on
+    the prompt.
+    """
+    images = torch.zeros((batch, *image_shape)).uniform_(
         -1, 1, generator=torch.Generator().manual_seed(0)
     )
+    x0 = computer.encode(images.to(device))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    return x0.to(device), noise.to(device)
+    cond = computer.condition([""] * batch) if computer.conditional else None
+    return x0, noise.to(device), cond
 
 
 def _probe(fn: Any, repeats: int, device: torch.device) -> tuple[float, int | None]:
