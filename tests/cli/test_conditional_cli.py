@@ -316,6 +316,9 @@ def test_attribute_a_pipeline(
     recorded = json.loads((out / "run.json").read_text())["methods"]["das"]
     assert recorded["checkpoints"] == [str(sd.pipeline)]
     assert recorded["settings"]["data"] == str(sd.train)
+    # The report reloads the training images from --data (a pipeline records none).
+    assert main(["report", str(out)]) == 0
+    assert "das" in (out / "report.html").read_text()
 
 
 def test_attribute_a_pipeline_with_lora_weights(

@@ -12,8 +12,7 @@ from diffattr.data import ImageDataset
 from diffattr.errors import DataError
 from diffattr.features import FeatureConfig, FeatureStore, PlanConfig, ProjectionConfig
 from diffattr.methods import DAS, attribute
-from diffattr.models import lora_parameter_names
-from diffattr.models._pipeline import Pipeline, load_pipeline
+from diffattr.models import Pipeline, load_pipeline, lora_parameter_names
 from tests.models.pipeline_helpers import offline, save_lora_for, save_sd_pipeline  # noqa: F401
 
 # `offline` is an autouse fixture: no hub access here either.

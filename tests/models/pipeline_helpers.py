@@ -26,8 +26,7 @@ from diffusers import (
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from diffattr.models import LoRAConfig, add_lora, lora_parameter_names
-from diffattr.models._pipeline import save_lora_weights
+from diffattr.models import LoRAConfig, add_lora, lora_parameter_names, save_lora_weights
 
 #: Byte-level BPE vocabulary: the special tokens, every letter alone and word-final, two merges.
 LETTERS = list(string.ascii_lowercase)

@@ -21,14 +21,17 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from torch import nn
 
 from diffattr.errors import CheckpointError, ConfigError
-from diffattr.models import LoRAConfig, TextToImageUNet, add_lora, lora_parameter_names
-from diffattr.models._pipeline import (
-    LORA_WEIGHTS_FILE,
+from diffattr.models import (
     FrozenTextEncoder,
+    LoRAConfig,
     Pipeline,
+    TextToImageUNet,
+    add_lora,
     load_pipeline,
+    lora_parameter_names,
     save_lora_weights,
 )
+from diffattr.models._pipeline import LORA_WEIGHTS_FILE
 
 from .pipeline_helpers import (
     VOCABULARY,

@@ -13,9 +13,11 @@ from diffusers import AutoencoderKL
 from diffattr._seed import derive_seed
 from diffattr.data import ImageDataset, load_digits
 from diffattr.errors import CheckpointError, ConfigError
-from diffattr.models import Checkpoint, ModelSpec, count_parameters
-from diffattr.models._vae import (
+from diffattr.models import (
+    Checkpoint,
+    ModelSpec,
     VAEConfig,
+    count_parameters,
     decode_latents,
     encode_latents,
     load_vae,
@@ -203,7 +205,7 @@ def test_rejects_a_spec_that_does_not_build(tmp_path: Path, digits16: ImageDatas
 def test_load_vae_is_strict(trained_vae: Checkpoint) -> None:
     wider = {**trained_vae.model_spec.config, "latent_channels": 8}
     mismatched = dataclasses.replace(trained_vae, model_spec=ModelSpec(name="vae", config=wider))
-    expected = re.escape(f"{trained_vae.path}: VAE weights do not fit AutoencoderKL")
+    expected = re.escape(f"{trained_vae.path}: VAE weights do not fit the model (AutoencoderKL)")
     with pytest.raises(CheckpointError, match=expected):
         load_vae(mismatched)
     rng_before = torch.get_rng_state()

@@ -461,6 +461,9 @@ def _attributed_models(args: argparse.Namespace) -> list[Any]:
             raise ConfigError("give checkpoints or --pipeline, not both")
         if args.data is None:
             raise ConfigError("--pipeline records no training images: give them as --data")
+        if args.data != "digits":
+            # run.json records it, and the report reloads the images from it.
+            args.data = str(Path(args.data).resolve())
         return [load_pipeline(args.pipeline, lora=args.lora_weights)]
     if not args.checkpoints:
         raise ConfigError("give one or more checkpoints, or --pipeline PATH")

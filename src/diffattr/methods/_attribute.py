@@ -18,12 +18,12 @@ from diffattr.features import Distributed, FeatureConfig, featurize, featurize_s
 from diffattr.methods._base import AttributionMethod, Features
 from diffattr.methods._scores import Scores
 from diffattr.methods._tracin import TracIn
-from diffattr.models import Checkpoint, TrainConfig
+from diffattr.models import Checkpoint, Pipeline, TrainConfig
 
 
 def attribute(
     method: AttributionMethod,
-    checkpoints: Sequence[Checkpoint],
+    checkpoints: Sequence[Checkpoint | Pipeline],
     train: ImageDataset,
     queries: ImageDataset,
     features: FeatureConfig,
@@ -47,7 +47,9 @@ def attribute(
     Args:
         method: A configured method, e.g. ``DAS(DASConfig())``.
         checkpoints: One or more checkpoints (several form an ensemble; TracIn's learning
-            rates default to each checkpoint's rate at its step).
+            rates default to each checkpoint's rate at its step), or a local diffusers
+            :class:`~diffattr.models.Pipeline`. Conditional models need prompts on ``train``
+            and ``queries``.
         train: The training images whose influence is measured.
         queries: The images to explain (generated or held-out).
         features: Plan, projection, parameter selection and precision; the method sets the

@@ -15,7 +15,6 @@ from diffattr.errors import CheckpointError, ConfigError, UnknownModelError
 from diffattr.models._conditional import text_to_image_unet
 from diffattr.models._lora import LoRAConfig, add_lora
 from diffattr.models._mlp import ResidualMLP
-from diffattr.models._vae import vae_tiny_config
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,6 +127,29 @@ def _ldm_tiny(in_channels: int, sample_size: int) -> dict[str, Any]:
         "text": {"max_length": 32},
         "vae": vae,
         "latent_scale": 1.0,
+    }
+
+
+def vae_tiny_config(in_channels: int, sample_size: int) -> dict[str, Any]:
+    """A small ``AutoencoderKL`` config: 2x downsampling to 4 latent channels, ~660k parameters.
+
+    Args:
+        in_channels: Image channels (1 for grayscale, 3 for RGB).
+        sample_size: Image side in pixels; 16x16 images give 4x8x8 latents.
+
+    Returns:
+        JSON-serialisable keyword arguments of ``AutoencoderKL``.
+    """
+    return {
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": sample_size,
     }
 
 

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -23,37 +23,13 @@ from diffattr._config import known_fields
 from diffattr._seed import derive_seed, generator
 from diffattr.data import ImageDataset
 from diffattr.errors import CheckpointError, ConfigError
-
-# Modules, not names: the registry imports this module for vae_tiny_config, so both are still
-# initialising when it loads; their contents are looked up when the functions run.
-from diffattr.models import _checkpoint, _registry
-
-if TYPE_CHECKING:
-    from diffattr.models._checkpoint import Checkpoint
-    from diffattr.models._registry import ModelSpec
-
-
-def vae_tiny_config(in_channels: int, sample_size: int) -> dict[str, Any]:
-    """A small ``AutoencoderKL`` config: 2x downsampling to 4 latent channels, ~660k parameters.
-
-    Args:
-        in_channels: Image channels (1 for grayscale, 3 for RGB).
-        sample_size: Image side in pixels; 16x16 images give 4x8x8 latents.
-
-    Returns:
-        JSON-serialisable keyword arguments of ``AutoencoderKL``.
-    """
-    return {
-        "in_channels": in_channels,
-        "out_channels": in_channels,
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "block_out_channels": [32, 64],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": sample_size,
-    }
+from diffattr.models._checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from diffattr.models._registry import ModelSpec, count_parameters, load_weights, vae_tiny_config
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -150,12 +126,12 @@ def train_vae(
     """
     out_dir = Path(out_dir)
     if spec is None:
-        spec = _registry.ModelSpec(
+        spec = ModelSpec(
             name="vae-tiny", config=vae_tiny_config(dataset.channels, dataset.image_size[0])
         )
     metadata = {"vae_training": config.to_dict(), "dataset": dataset.describe()}
-    if (out_dir / _checkpoint.CHECKPOINT_FILE).exists() and not overwrite:
-        previous = _checkpoint.load_checkpoint(out_dir)
+    if (out_dir / CHECKPOINT_FILE).exists() and not overwrite:
+        previous = load_checkpoint(out_dir)
         _check_same_run(previous, spec, metadata)
         return previous
     model = _seeded_vae(spec, config.seed)
@@ -197,7 +173,7 @@ def train_vae(
     latent_scale = 1.0 / means.std().item()
     decoded = torch.cat([decode_latents(model, chunk, 1.0) for chunk in means.split(batch_size)])
     rmse = (decoded - images).square().mean().sqrt().item()
-    return _checkpoint.save_checkpoint(
+    return save_checkpoint(
         out_dir,
         model_spec=spec,
         scheduler_config={},
@@ -207,7 +183,7 @@ def train_vae(
             **metadata,
             "latent_scale": latent_scale,
             "reconstruction_rmse": rmse,
-            "n_parameters": _registry.count_parameters(model),
+            "n_parameters": count_parameters(model),
         },
     )
 
@@ -227,7 +203,7 @@ def load_vae(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> Auto
             raise CheckpointError(
                 f"{checkpoint.path}: model config does not build an AutoencoderKL: {err}"
             ) from err
-    _registry.load_weights(vae, checkpoint.load_state("model"), f"{checkpoint.path}: VAE weights")
+    load_weights(vae, checkpoint.load_state("model"), f"{checkpoint.path}: VAE weights")
     return vae.to(device).eval()
 
 

@@ -58,7 +58,9 @@ def attribution_figure(
     figure = Figure(figsize=(0.45 * columns + 1.0, 0.45 * len(query_ids) + 0.9), dpi=_DPI)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    ax.imshow(grid.squeeze(-1), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    # Gray grids are (H, W, 1), which imshow takes only as (H, W); RGB ones stay as they are.
+    pixels = grid.squeeze(-1) if grid.shape[-1] == 1 else grid
+    ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     labels = ["query", "", *(f"+{i}" for i in range(1, k + 1)), ""]
     labels += [f"\N{MINUS SIGN}{i}" for i in range(1, k + 1)]
     ax.set_xticks([scale + (c + 0.5) * cell_w for c in range(columns)], labels, fontsize=6)

@@ -206,7 +206,11 @@ def _reload_images(records: dict[str, dict[str, Any]]) -> tuple[ImageDataset, Im
     train_of, queries_of = {}, {}
     for method, entry in records.items():
         path = entry["checkpoints"][0]
-        if path not in checkpoints:
+        data = entry["settings"].get("data")
+        if data is not None:
+            # A --pipeline run: its training images were given, a pipeline records none.
+            train_sets[path] = load_dataset(data)
+        elif path not in checkpoints:
             # The weights are not needed, only the data the metadata locates: skip hashing them.
             checkpoints[path] = load_checkpoint(path, verify=False)
             train_sets[path] = checkpoints[path].training_data()
