@@ -23,9 +23,9 @@ OMP_NUM_THREADS=1 "$BIN/diffattr" train --data digits --prompts "$PROMPTS" --lab
     --checkpoint-every 600 --out "$RUNS/lora" --quiet
 # 3. 64 subsets of half the fine-tuning set, one LoRA fine-tune each from the same pretrained
 #    model; 50 held-out and 50 generated queries (guidance 2, the prompts "a handwritten 5".."9"
-#    in turn); ground truth: each query's loss at 100 timesteps, 2 noise draws.
-"$BIN/diffattr" lds init "$OUT" --base "$RUNS/lora" --model-seeds 1 --n-heldout 50 \
-    --n-generated 50 --truth-timesteps 100 --guidance-scale 2 --quiet
+#    in turn); ground truth: each query's loss at 50 timesteps, 2 noise draws.
+OMP_NUM_THREADS=1 "$BIN/diffattr" lds init "$OUT" --base "$RUNS/lora" --model-seeds 1 --n-heldout 50 \
+    --n-generated 50 --truth-timesteps 50 --guidance-scale 2 --quiet
 for ((i = 0; i < SHARDS; i++)); do
     OMP_NUM_THREADS=1 "$BIN/diffattr" lds build "$OUT" --shard "$i/$SHARDS" --device cpu --quiet &
 done

@@ -50,7 +50,7 @@ from diffattr.methods import (
     random_scores,
 )
 from diffattr.models import Checkpoint
-from lds_table import markdown
+from lds_table import markdown, update_readme
 
 HERE = Path(__file__).resolve().parent
 Scorer = Callable[[ImageDataset], Scores]
@@ -195,15 +195,7 @@ def main() -> None:
         json.dumps({"settings": settings, "results": records, "costs": costs}, indent=1) + "\n"
     )
     out.with_suffix(".md").write_text(table + "\n")
-    readme = HERE / "README.md"
-    marker = "<!-- lds:digits-lora -->"
-    if readme.exists() and readme.read_text().count(marker) == 2:
-        text = readme.read_text()
-        pattern = re.escape(marker) + r".*?" + re.escape(marker)
-        readme.write_text(
-            re.sub(pattern, lambda _: f"{marker}\n{table}\n{marker}", text, flags=re.S)
-        )
-        print(f"updated {readme}")
+    update_readme("digits-lora", table)
 
 
 if __name__ == "__main__":

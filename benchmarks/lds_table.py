@@ -184,6 +184,19 @@ def markdown(results: list[tuple[str, LDSResult, float]], args: argparse.Namespa
     return "\n".join(lines)
 
 
+def update_readme(name: str, table: str) -> None:
+    """Put ``table`` between the ``<!-- lds:<name> -->`` markers of benchmarks/README.md."""
+    readme = HERE / "README.md"
+    marker = f"<!-- lds:{name} -->"
+    if readme.exists() and readme.read_text().count(marker) == 2:
+        text = readme.read_text()
+        pattern = re.escape(marker) + r".*?" + re.escape(marker)
+        readme.write_text(
+            re.sub(pattern, lambda _: f"{marker}\n{table}\n{marker}", text, flags=re.S)
+        )
+        print(f"updated {readme}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", default=str(HERE / "digits-mlp"))
@@ -226,15 +239,7 @@ def main() -> None:
         json.dumps({"settings": settings, "results": records}, indent=1) + "\n"
     )
     out.with_suffix(".md").write_text(table + "\n")
-    readme = HERE / "README.md"
-    marker = f"<!-- lds:{name} -->"
-    if readme.exists() and readme.read_text().count(marker) == 2:
-        text = readme.read_text()
-        pattern = re.escape(marker) + r".*?" + re.escape(marker)
-        readme.write_text(
-            re.sub(pattern, lambda _: f"{marker}\n{table}\n{marker}", text, flags=re.S)
-        )
-        print(f"updated {readme}")
+    update_readme(name, table)
 
 
 if __name__ == "__main__":

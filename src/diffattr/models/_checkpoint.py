@@ -14,6 +14,7 @@ so an interrupted save leaves the previous checkpoint intact and loadable.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +245,29 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
 
 
 _CORE_KEYS = {"format", "format_version", "model", "scheduler", "step", "files"}
+
+
+def refuse_other_run(previous: Checkpoint, current: dict[str, Any], stored: dict[str, Any]) -> None:
+    """Refuse to resume ``previous`` when a part of its run differs from this one's.
+
+    Args:
+        previous: The checkpoint found in the output directory.
+        current: Part name -> JSON value, for the run asked for.
+        stored: The same parts as ``previous`` recorded them.
+
+    Raises:
+        CheckpointError: Naming the parts that differ.
+    """
+    differing = [
+        key
+        for key in current
+        if json.dumps(current[key], sort_keys=True) != json.dumps(stored.get(key), sort_keys=True)
+    ]
+    if differing:
+        raise CheckpointError(
+            f"{previous.path} holds a different run (its {', '.join(differing)} differ); "
+            "choose another output directory or pass overwrite"
+        )
 
 
 def _referenced_files(path: Path) -> set[str]:

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from diffattr._config import known_fields
 from diffattr._seed import derive_seed, generator
 from diffattr.data import DatasetSplit, ImageDataset
-from diffattr.errors import CheckpointError, ConfigError
+from diffattr.errors import ConfigError
 from diffattr.models._checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     load_checkpoint,
+    refuse_other_run,
     save_checkpoint,
 )
 from diffattr.models._conditional import condition, to_diffusion_space
@@ -468,16 +469,7 @@ def _check_same_run(
         "dataset": (previous.metadata.get("dataset") or {}).get("fingerprint"),
         "initial weights": (previous.metadata.get("init") or {}).get("weights"),
     }
-    differing = [
-        key
-        for key in current
-        if json.dumps(current[key], sort_keys=True) != json.dumps(stored[key], sort_keys=True)
-    ]
-    if differing:
-        raise CheckpointError(
-            f"{previous.path} holds a different run (its {', '.join(differing)} differ); "
-            "choose another output directory or pass overwrite"
-        )
+    refuse_other_run(previous, current, stored)
 
 
 def _comparable(scheduler_config: dict[str, Any]) -> dict[str, Any]:

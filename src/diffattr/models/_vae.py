@@ -8,7 +8,6 @@ and saved as a regular checkpoint whose metadata carries the ``latent_scale`` to
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from diffattr.models._checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     load_checkpoint,
+    refuse_other_run,
     save_checkpoint,
 )
 from diffattr.models._registry import ModelSpec, count_parameters, load_weights, vae_tiny_config
@@ -292,13 +292,4 @@ def _check_same_run(previous: Checkpoint, spec: ModelSpec, metadata: dict[str, A
         "vae_training": previous.metadata.get("vae_training"),
         "dataset": (previous.metadata.get("dataset") or {}).get("fingerprint"),
     }
-    differing = [
-        key
-        for key in current
-        if json.dumps(current[key], sort_keys=True) != json.dumps(stored[key], sort_keys=True)
-    ]
-    if differing:
-        raise CheckpointError(
-            f"{previous.path} holds a different run (its {', '.join(differing)} differ); "
-            "choose another output directory or pass overwrite"
-        )
+    refuse_other_run(previous, current, stored)
