@@ -334,6 +334,26 @@ def test_attribute_a_pipeline_with_lora_weights(
     assert [store.settings["parameter_count"] for store in _stores(out)] == [n_lora, n_lora]
 
 
+@pytest.mark.parametrize("method", ["dtrak", "trak", "retrac", "grad-cos"])
+def test_every_gradient_method_attributes_a_pipeline(
+    root: Path, sd: PipelineData, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*_pipeline_argv(sd, root / f"attr-sd-{method}"), "--method", method]
+    if method == "retrac":
+        # A pipeline records no training recipe, so TracIn's learning rate is given.
+        _expect_error(capsys, argv, "learning_rates")
+        argv += ["--learning-rates", "1e-4"]
+    assert main(argv) == 0
+    assert f"{method}: 2 queries x 6 training images, 1 pipeline" in capsys.readouterr().out
+
+
+def test_learning_rates_apply_to_tracin_only(
+    root: Path, sd: PipelineData, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*_pipeline_argv(sd, root / "attr-sd-lr"), "--learning-rates", "1e-4"]
+    _expect_error(capsys, argv, "--learning-rates does not apply to das")
+
+
 def test_prompt_template_for_unprompted_pipeline_data(
     root: Path, sd: PipelineData, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -242,6 +242,13 @@ def _add_attribute_parser(commands: Any) -> None:
     names: list[str] = []
     for config_cls in (DASConfig, TracInConfig, NDAConfig):
         names += add_dataclass_options(attribute, config_cls, skip=("dtype",))
+    attribute.add_argument(
+        "--learning-rates",
+        type=_float_list,
+        help="tracin, retrac: one learning rate per model, comma-separated (default: each "
+        "checkpoint's rate at its step; a --pipeline records none)",
+    )
+    names.append("learning_rates")
     attribute.set_defaults(run=_commands.attribute, method_options=names)
 
 
@@ -280,6 +287,15 @@ def _int_list(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
         ) from None
 
 
