@@ -187,7 +187,13 @@ def main() -> None:
         "DAS, LoRA parameters": gradient(DAS(DASConfig()), base, "lora"),
         "DAS, LoRA parameters, unprojected": gradient(DAS(DASConfig()), base, "exact", True),
         "DAS, all parameters": gradient(DAS(DASConfig()), whole, "all"),
+        "DAS, LoRA parameters, linear (signed change)": gradient(
+            DAS(DASConfig(transform="linear")), base, "lora"
+        ),
         "D-TRAK, LoRA parameters": gradient(DTRAK(DTRAKConfig()), base, "lora"),
+        "D-TRAK, LoRA parameters, squared": gradient(
+            DTRAK(DTRAKConfig(transform="squared")), base, "lora"
+        ),
         "TRAK, LoRA parameters": gradient(TRAK(TRAKConfig()), base, "lora"),
         "NDA": lambda q: nda_scores(
             q, train_data, NDAConfig(), scheduler_config=base.scheduler_config
