@@ -21,6 +21,7 @@ from diffattr.models import (
     sample,
     sample_checkpoint,
     save_samples,
+    text_to_image_unet,
     train,
 )
 from tests.models.helpers import (
@@ -212,6 +213,14 @@ def test_latent_model_encodes_samples_and_decodes(tmp_path) -> None:
     )
     assert out.shape == (2, 1, 16, 16)
     assert float(out.abs().max()) <= 1
+
+
+def test_latent_model_shapes_are_checked() -> None:
+    config = cunet_spec("ldm-tiny", size=16).config
+    with pytest.raises(ConfigError, match="3-channel images do not fit an autoencoder"):
+        text_to_image_unet(**{**config, "in_channels": 3})
+    with pytest.raises(ConfigError, match="24-pixel images do not fit"):
+        text_to_image_unet(**{**config, "sample_size": 24})
 
 
 def test_latent_model_loads_its_autoencoder_and_checks_the_scale(tmp_path) -> None:

@@ -128,13 +128,21 @@ class TextToImageUNet(nn.Module):
         size = unet.config.sample_size
         self.sample_size = int(size if isinstance(size, int) else size[0])
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.image_channels = int(image_channels or (vae.config.in_channels if vae else 0))
-        self.image_channels = self.image_channels or self.in_channels
+        # Without these given, the images are what the autoencoder (or, without one, the UNet)
+        # takes.
+        if image_channels is None:
+            image_channels = vae.config.in_channels if vae is not None else self.in_channels
+        self.image_channels = int(image_channels)
         self.image_size = int(image_size or self.sample_size * factor)
         if vae is not None and int(vae.config.latent_channels) != self.in_channels:
             raise ConfigError(
                 f"the UNet takes {self.in_channels} channels but the autoencoder's latents have "
                 f"{vae.config.latent_channels}"
+            )
+        if vae is not None and self.image_channels != int(vae.config.in_channels):
+            raise ConfigError(
+                f"{self.image_channels}-channel images do not fit an autoencoder of "
+                f"{vae.config.in_channels}-channel images"
             )
         if self.image_size != self.sample_size * factor:
             raise ConfigError(
