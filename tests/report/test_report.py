@@ -192,3 +192,14 @@ def test_record_run_keeps_one_entry_per_method(tmp_path: Path, monkeypatch) -> N
             "settings": {"heatmaps": 2},
         },
     }
+
+
+def test_write_report_shows_the_prompts_of_conditional_queries(run: Path) -> None:
+    train, queries = digit_sets(3, 20)
+    prompted = queries.with_prompts("a handwritten {label} & <more>")
+    write_scores(run, ["das"], train, prompted)
+    page = write_report(run, k=2, train=train, queries=prompted).read_text()
+    label = int(prompted.labels[1])
+    assert f"<q>a handwritten {label} &amp; &lt;more&gt;</q>" in page
+    plain = write_report(run, k=2, train=train, queries=queries).read_text()
+    assert "<q>" not in plain

@@ -115,6 +115,11 @@ class _Thumbnails:
         labels = self._dataset.labels
         return "" if labels is None else f" ({int(labels[self._rows[sample_id]])})"
 
+    def prompt(self, sample_id: int) -> str:
+        """The image's prompt, for a conditional model's images, else nothing."""
+        prompts = self._dataset.prompts
+        return "" if prompts is None else prompts[self._rows[sample_id]]
+
     def img(self, sample_id: int, px: int, alt: str) -> str:
         # The longer side gets ``px`` CSS pixels; small images are upscaled, pixelated.
         if self._aspect >= 1:
@@ -279,13 +284,15 @@ def _query_article(
     )
     name = f"query {query_id}{queries.label(query_id)}"
     query_img = queries.img(query_id, _QUERY_PX, name)
+    prompt = queries.prompt(query_id)
+    caption = escape(name) + (f"<br><q>{escape(prompt)}</q>" if prompt else "")
     methods = (
         f"<table>\n<tr><th>method</th><th>top {k}: proponents (highest scores)</th>"
         f"<th>bottom {k}: opponents (lowest scores)</th></tr>\n{rows}</table>"
     )
     return (
         f'<article class="query" id="query-{query_id}">\n<h3>Query {query_id}</h3>\n'
-        f'<div class="query-body">\n<figure>{query_img}<figcaption>{escape(name)}</figcaption>'
+        f'<div class="query-body">\n<figure>{query_img}<figcaption>{caption}</figcaption>'
         f"</figure>\n{methods}\n{_heatmap_block(run.heatmaps.get(query_id, []))}"
         f"{_query_agreement(scored, query_id, k)}</div>\n</article>"
     )
