@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from diffattr.models import (
     TrainConfig,
     VAEConfig,
     available_models,
+    build_model,
     load_checkpoint,
     load_pipeline,
     model_spec,
@@ -138,10 +139,7 @@ def _train_spec(args: argparse.Namespace, dataset: ImageDataset, init: Checkpoin
     if init is None or "vae" not in spec.config:
         # train() explains an --init that fits neither a fine-tune nor an autoencoder.
         return spec
-    overrides = {"latent_scale": vae_latent_scale(init)}
-    return model_spec(
-        args.model, in_channels=dataset.channels, sample_size=_side(dataset), overrides=overrides
-    )
+    return replace(spec, config={**spec.config, "latent_scale": vae_latent_scale(init)})
 
 
 def train_vae(args: argparse.Namespace) -> None:
@@ -486,7 +484,13 @@ def _backend(args: argparse.Namespace, checkpoint: Any) -> tuple[str, str]:
     """Resolve --backend and --projection "auto" (see :func:`choose_backend`)."""
     backend = args.backend
     if backend == "auto":
-        backend = choose_backend(checkpoint.load_model(), args.parameters).backend
+        # The rule needs the architecture only: a checkpoint's is built from its spec, without
+        # reading weights; a pipeline's comes with its weights.
+        if isinstance(checkpoint, Checkpoint):
+            model = build_model(checkpoint.model_spec)
+        else:
+            model = checkpoint.load_model()
+        backend = choose_backend(model, args.parameters).backend
     projection = args.projection
     if projection == "auto":
         projection = "kronecker" if backend == "factored" else "dense"
