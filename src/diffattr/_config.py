@@ -24,3 +24,17 @@ def known_fields(cls: type, data: object) -> dict[str, Any]:
 def is_int(value: object) -> bool:
     """Whether ``value`` is an integer setting: Python or numpy ints, but not bools."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_fields(settings: object, checks: dict[str, bool], allowed: dict[str, str]) -> None:
+    """Raise ConfigError for the first field of ``settings`` whose check failed.
+
+    The shared half of every settings class's validation: the message names the class, the
+    field, its value and what it must be (``allowed[name]``).
+    """
+    for name, ok in checks.items():
+        if not ok:
+            value = getattr(settings, name)
+            raise ConfigError(
+                f"{type(settings).__name__}.{name}={value!r} is invalid: must be {allowed[name]}"
+            )

@@ -36,7 +36,7 @@ from diffusers import DDPMScheduler
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-from diffattr._config import is_int, known_fields
+from diffattr._config import check_fields, is_int, known_fields
 from diffattr._io import read_format, sha256_file, write_json, write_npy, write_npz
 from diffattr._seed import derive_seed, generator
 from diffattr._version import __version__
@@ -49,7 +49,6 @@ from diffattr.models import (
     TrainConfig,
     condition,
     diffusion_target,
-    is_conditional,
     load_checkpoint,
     predict,
     sample_checkpoint,
@@ -136,11 +135,7 @@ class LDSConfig:
             "seed": "an integer",
             "guidance_scale": "a finite number >= 0",
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(
-                    f"LDSConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed[name]}"
-                )
+        check_fields(self, checks, allowed)
         if self.n_heldout + self.n_generated == 0:
             raise ConfigError("LDSConfig needs queries: n_heldout + n_generated must be >= 1")
 
@@ -888,12 +883,14 @@ def _open_init(path: Path, record: dict[str, Any]) -> Checkpoint | None:
 
 
 def _generation_prompts(base: Checkpoint, n: int) -> list[str] | None:
-    """Prompts of the generated queries: the training set's distinct prompts in turn."""
-    if not is_conditional(base.load_model()):
-        return None
+    """Prompts of the generated queries: the training set's distinct prompts in turn.
+
+    Training refuses prompts for an unconditional model and needs them for a conditional one,
+    so the training data's prompts say which the base is.
+    """
     prompts = base.training_data().prompts
     if prompts is None:
-        raise DataError(f"{base.path}: a conditional model whose training data has no prompts")
+        return None
     distinct = sorted(set(prompts))
     return [distinct[i % len(distinct)] for i in range(n)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -16,7 +16,13 @@ from torch.func import functional_call, grad, jacrev, vmap
 from diffattr._config import is_int
 from diffattr.errors import ConfigError, DataError
 from diffattr.features._outputs import OutputConfig, OutputFunction
-from diffattr.models import condition, is_conditional, predict, to_diffusion_space
+from diffattr.models import (
+    condition,
+    is_conditional,
+    model_setting,
+    predict,
+    to_diffusion_space,
+)
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -148,7 +154,7 @@ class GradientComputer:
         self.parameter_names = select_parameters(self._model, parameters)
         if self._vmapped:
             use_batchable_attention(self._model)
-        channels = _model_setting(self._model, "in_channels")
+        channels = model_setting(self._model, "in_channels")
         self._in_channels = int(channels) if is_int(channels) else None
         self._sample_size = _expected_size(self._model)
 
@@ -352,16 +358,8 @@ class GradientComputer:
                 raise DataError(f"{name} has non-finite values in batch rows {rows[:10]}")
 
 
-def _model_setting(model: nn.Module, key: str) -> object:
-    # diffusers models keep their settings in .config; ResidualMLP and others as attributes.
-    config = getattr(model, "config", None)
-    if isinstance(config, Mapping) and key in config:
-        return config[key]
-    return getattr(model, key, None)
-
-
 def _expected_size(model: nn.Module) -> tuple[int, int] | None:
-    size = _model_setting(model, "sample_size")
+    size = model_setting(model, "sample_size")
     if is_int(size):
         return (int(size), int(size))
     if isinstance(size, Sequence) and len(size) == 2 and all(is_int(s) for s in size):

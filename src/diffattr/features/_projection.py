@@ -32,7 +32,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from diffattr._config import known_fields
+from diffattr._config import check_fields, known_fields
 from diffattr._seed import derive_seed
 from diffattr.errors import ConfigError
 
@@ -421,12 +421,11 @@ class ProjectionConfig:
                 "an int >= 0",
             ),
         }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                value = getattr(self, name)
-                raise ConfigError(
-                    f"ProjectionConfig.{name}={value!r} is invalid: must be {allowed}"
-                )
+        check_fields(
+            self,
+            {name: ok for name, (ok, _) in checks.items()},
+            {name: allowed for name, (_, allowed) in checks.items()},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-serialisable dict (inverse of :meth:`from_dict`)."""

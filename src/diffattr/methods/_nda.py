@@ -80,7 +80,7 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from diffattr._config import is_int, known_fields
+from diffattr._config import check_fields, is_int, known_fields
 from diffattr._device import resolve_device
 from diffattr._io import atomic_write
 from diffattr._seed import generator
@@ -166,10 +166,7 @@ class NDAConfig:
             "max_memory_mb": "an int >= 1",
             "dtype": f"one of {sorted(_DTYPES)}",
         }
-        for name, ok in checks.items():
-            if not ok:
-                value = getattr(self, name)
-                raise ConfigError(f"NDAConfig.{name}={value!r} is invalid: must be {allowed[name]}")
+        check_fields(self, checks, allowed)
         # Normalise (frozen, so through object.__setattr__): JSON lists and numpy scalars in,
         # plain Python values out, so that to_dict / from_dict round-trips compare equal.
         object.__setattr__(self, "timesteps", tuple(int(t) for t in timesteps))

@@ -98,8 +98,7 @@ class Checkpoint:
         self, kind: Literal["ddpm", "ddim"] = "ddpm"
     ) -> DDPMScheduler | DDIMScheduler:
         """Build the noise scheduler the model was trained with, as a DDPM or DDIM sampler."""
-        cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-        return cls.from_config(self.scheduler_config)
+        return scheduler_from_config(self.scheduler_config, kind)
 
     def weights_id(self, weights: WeightsChoice = "auto") -> str:
         """Return the SHA-256 of the weights :meth:`load_model` would load.
@@ -245,6 +244,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
 
 
 _CORE_KEYS = {"format", "format_version", "model", "scheduler", "step", "files"}
+
+
+def scheduler_from_config(
+    config: dict[str, Any], kind: Literal["ddpm", "ddim"] = "ddpm"
+) -> DDPMScheduler | DDIMScheduler:
+    """A diffusers noise-scheduler config as a DDPM or DDIM sampler."""
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    return cls.from_config(config)
 
 
 def refuse_other_run(previous: Checkpoint, current: dict[str, Any], stored: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ is), ``image_channels`` and ``image_size`` the images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,7 +127,7 @@ class TextToImageUNet(nn.Module):
         self.in_channels = int(unet.config.in_channels)
         size = unet.config.sample_size
         self.sample_size = int(size if isinstance(size, int) else size[0])
-        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        factor = downsampling_factor(vae.config) if vae is not None else 1
         # Without these given, the images are what the autoencoder (or, without one, the UNet)
         # takes.
         if image_channels is None:
@@ -188,17 +188,14 @@ class TextToImageUNet(nn.Module):
         if self.vae is None:
             return images
         self._check_images(images)
-        vae = self.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
-        return latents * self.latent_scale
+        return encode_latents(self.vae, images, self.latent_scale)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Map diffusion-space samples back to images in [-1, 1] (identity without a VAE)."""
         if self.vae is None:
             return latents.clamp(-1, 1)
-        decoded = self.vae.decode(latents / self.latent_scale).sample
-        return decoded.clamp(-1, 1)
+        return decode_latents(self.vae, latents, self.latent_scale)
 
     def _check_images(self, images: torch.Tensor) -> None:
         expected = (self.image_channels, self.image_size, self.image_size)
@@ -290,12 +287,58 @@ def to_image_space(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def diffusion_shape(model: nn.Module) -> tuple[int, int, int] | None:
     """(C, H, W) of ``x_t`` for models that state it (``in_channels``, ``sample_size``)."""
-    config = getattr(model, "config", None)
-    source = config if isinstance(config, dict) else None
-    channels = source.get("in_channels") if source else getattr(model, "in_channels", None)
-    size = source.get("sample_size") if source else getattr(model, "sample_size", None)
+    channels = model_setting(model, "in_channels")
+    size = model_setting(model, "sample_size")
     if isinstance(size, list | tuple):
         size = size[0]
     if not isinstance(channels, int) or not isinstance(size, int):
         return None
     return (channels, size, size)
+
+
+def model_setting(model: nn.Module, key: str) -> object:
+    """A setting a model states: diffusers models keep theirs in ``.config``, others as attributes.
+
+    Returns:
+        The value, or None where the model does not state it.
+    """
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping) and key in config:
+        return config[key]
+    return getattr(model, key, None)
+
+
+def downsampling_factor(vae_config: Mapping[str, Any]) -> int:
+    """How much an ``AutoencoderKL`` config shrinks image sides: 2 per block but the last."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Encode images deterministically: the posterior mean times ``scale``.
+
+    Args:
+        vae: The autoencoder (see :func:`~diffattr.models.load_vae`).
+        images: (B, C, H, W) in [-1, 1].
+        scale: The latent scale (see :func:`~diffattr.models.vae_latent_scale`).
+
+    Returns:
+        (B, latent_channels, H / f, W / f) latents on the VAE's device and in its dtype, f its
+        :func:`downsampling_factor`.
+    """
+    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * scale
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode latents made by :func:`encode_latents` (or sampled) into images in [-1, 1].
+
+    Args:
+        vae: The autoencoder (see :func:`~diffattr.models.load_vae`).
+        latents: (B, latent_channels, h, w), scaled by ``scale``.
+        scale: The latent scale the latents carry.
+
+    Returns:
+        (B, C, h * f, w * f) images on the VAE's device, clamped to [-1, 1].
+    """
+    return vae.decode(latents.to(vae.device) / scale).sample.clamp(-1.0, 1.0)

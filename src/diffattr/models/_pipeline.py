@@ -48,7 +48,7 @@ from transformers.utils import logging as transformers_logging
 
 from diffattr._io import atomic_write, read_json, sha256_file
 from diffattr.errors import CheckpointError, ConfigError
-from diffattr.models._checkpoint import WeightsChoice
+from diffattr.models._checkpoint import WeightsChoice, scheduler_from_config
 from diffattr.models._conditional import TextToImageUNet
 from diffattr.models._lora import lora_parameter_names
 
@@ -184,8 +184,7 @@ class Pipeline:
         self, kind: Literal["ddpm", "ddim"] = "ddpm"
     ) -> DDPMScheduler | DDIMScheduler:
         """Build the pipeline's noise schedule as a DDPM or DDIM sampler."""
-        cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-        return cls.from_config(self.scheduler_config)
+        return scheduler_from_config(self.scheduler_config, kind)
 
     def weights_id(self, weights: WeightsChoice = "auto") -> str:
         """Return a SHA-256 over the model's files (and the LoRA adapter's), computed once.

@@ -12,7 +12,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from diffattr.errors import CheckpointError, ConfigError, UnknownModelError
-from diffattr.models._conditional import text_to_image_unet
+from diffattr.models._conditional import downsampling_factor, text_to_image_unet
 from diffattr.models._lora import LoRAConfig, add_lora
 from diffattr.models._mlp import ResidualMLP
 
@@ -116,7 +116,7 @@ def _ldm_tiny(in_channels: int, sample_size: int) -> dict[str, Any]:
     # cunet-tiny on the 4-channel latents of vae-tiny (2x smaller sides); latent_scale and the
     # autoencoder's weights come from a trained vae-tiny (see `train(..., init=...)`).
     vae = vae_tiny_config(in_channels, sample_size)
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    factor = downsampling_factor(vae)
     if sample_size % factor:
         raise ConfigError(f"ldm-tiny needs an image side divisible by {factor}, got {sample_size}")
     latent_side = sample_size // factor

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from diffattr._config import known_fields
+from diffattr._config import check_fields, known_fields
 from diffattr._seed import derive_seed, generator
 from diffattr.data import DatasetSplit, ImageDataset
 from diffattr.errors import ConfigError
@@ -93,12 +93,7 @@ class TrainConfig:
             "checkpoint_every": ">= 0 (0: only the final checkpoint)",
             "condition_dropout": "in [0, 1)",
         }
-        for name, ok in checks.items():
-            if not ok:
-                value = getattr(self, name)
-                raise ConfigError(
-                    f"TrainConfig.{name}={value!r} is invalid: must be {allowed[name]}"
-                )
+        check_fields(self, checks, allowed)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the recipe as a JSON-serialisable dict."""
@@ -458,7 +453,7 @@ def _check_same_run(
     current = {
         "model": spec.to_dict(),
         "scheduler": _comparable(scheduler_config),
-        "training": TrainConfig.from_dict(metadata["training"]).to_dict(),
+        "training": metadata["training"],
         "dataset": metadata["dataset"]["fingerprint"],
         "initial weights": (metadata["init"] or {}).get("weights"),
     }

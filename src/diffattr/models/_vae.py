@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from diffattr._config import known_fields
+from diffattr._config import check_fields, known_fields
 from diffattr._seed import derive_seed, generator
 from diffattr.data import ImageDataset
 from diffattr.errors import CheckpointError, ConfigError
@@ -29,6 +29,7 @@ from diffattr.models._checkpoint import (
     refuse_other_run,
     save_checkpoint,
 )
+from diffattr.models._conditional import decode_latents, downsampling_factor, encode_latents
 from diffattr.models._registry import ModelSpec, count_parameters, load_weights, vae_tiny_config
 
 
@@ -65,10 +66,7 @@ class VAEConfig:
             "learning_rate": "a finite number > 0",
             "kl_weight": "a finite number >= 0",
         }
-        for name, ok in checks.items():
-            if not ok:
-                value = getattr(self, name)
-                raise ConfigError(f"VAEConfig.{name}={value!r} is invalid: must be {allowed[name]}")
+        check_fields(self, checks, allowed)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the recipe as a JSON-serialisable dict."""
@@ -224,36 +222,6 @@ def vae_latent_scale(checkpoint: Checkpoint) -> float:
     return float(scale)
 
 
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, scale: float) -> torch.Tensor:
-    """Encode images deterministically: the posterior mean times ``scale``.
-
-    Args:
-        vae: The autoencoder (see :func:`load_vae`).
-        images: (B, C, H, W) in [-1, 1].
-        scale: The latent scale (see :func:`vae_latent_scale`).
-
-    Returns:
-        (B, latent_channels, H / f, W / f) latents on the VAE's device, f its downsampling factor.
-    """
-    return vae.encode(images.to(vae.device)).latent_dist.mean * scale
-
-
-@torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode latents made by :func:`encode_latents` (or sampled) into images in [-1, 1].
-
-    Args:
-        vae: The autoencoder (see :func:`load_vae`).
-        latents: (B, latent_channels, h, w), scaled by ``scale``.
-        scale: The latent scale the latents carry.
-
-    Returns:
-        (B, C, h * f, w * f) images on the VAE's device, clamped to [-1, 1].
-    """
-    return vae.decode(latents.to(vae.device) / scale).sample.clamp(-1.0, 1.0)
-
-
 def _seeded_vae(spec: ModelSpec, seed: int) -> AutoencoderKL:
     # Fork the global RNG so that initialisation is seeded without touching the caller's state.
     with torch.random.fork_rng(devices=[]):
@@ -267,7 +235,7 @@ def _seeded_vae(spec: ModelSpec, seed: int) -> AutoencoderKL:
 def _check_fits(spec: ModelSpec, vae: AutoencoderKL, dataset: ImageDataset) -> None:
     channels = vae.config.in_channels
     # The encoder halves the resolution in every block but the last.
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsampling_factor(vae.config)
     height, width = dataset.image_size
     if channels != dataset.channels:
         raise ConfigError(
