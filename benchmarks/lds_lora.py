@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from torch import nn
 
 from bench_factored import _Memory as PeakMemory
 from diffattr.data import ImageDataset
-from diffattr.evaluation import LDSBenchmark, LDSResult, lds_score
+from diffattr.evaluation import LDSBenchmark
 from diffattr.features import (
     FeatureConfig,
     PlanConfig,
@@ -59,10 +57,7 @@ from diffattr.methods import (
     random_scores,
 )
 from diffattr.models import Checkpoint
-from lds_table import markdown, update_readme
-
-HERE = Path(__file__).resolve().parent
-Scorer = Callable[[ImageDataset], Scores]
+from lds_table import HERE, Scorer, markdown, score_rows, write_results
 
 
 @dataclass(frozen=True)
@@ -207,25 +202,11 @@ def main() -> None:
         "lora": sum(p.numel() for p in base.load_model().parameters() if p.requires_grad),
         "all": sum(p.numel() for p in whole.load_model().parameters()),
     }
-    results: list[tuple[str, LDSResult, float]] = []
-    for label, score in rows.items():
-        for query_set, queries in benchmark.queries.items():
-            began = time.perf_counter()
-            scores = score(queries)
-            seconds = time.perf_counter() - began
-            scores.save(run / "rows" / re.sub(r"[^a-z0-9]+", "-", label.lower()) / query_set)
-            result = lds_score(benchmark, scores, query_set, n_bootstrap=args.bootstrap)
-            results.append((label, result, seconds))
-            print(
-                f"{label:26s} {query_set:9s} LDS {result.lds:6.3f} "
-                f"[{result.ci[0]:6.3f}, {result.ci[1]:6.3f}]  {seconds:6.1f} s",
-                flush=True,
-            )
-    table = markdown(results, args).replace(
-        "(dense Gaussian; the factored rows: the same total k as per-layer Kronecker factors, "
-        "see benchmarks/README.md)",
-        "(the backend rule's choice, factored: per-layer Kronecker factors, then sparse to k)",
+    results = score_rows(benchmark, rows, run, args.bootstrap)
+    projection = (
+        "the backend rule's choice, factored: per-layer Kronecker factors, then sparse to k"
     )
+    table = markdown(results, args, projection)
     # Each in a fresh process, so that neither pays the other's one-off costs.
     costs = {which: measured_cost(args, which) for which in ("lora", "all")}
     cost_lines = [
@@ -242,8 +223,6 @@ def main() -> None:
             f"| {which} | {parameters[which]:,} | {cost['seconds']} | {cost['peak_extra_mb']} |"
         )
     table += "\n" + "\n".join(cost_lines)
-    print("\n" + table)
-    out = HERE / "results" / "lds-digits-lora"
     settings = {
         "timesteps": args.timesteps,
         "proj_dim": args.proj_dim,
@@ -251,12 +230,7 @@ def main() -> None:
         "threads": args.threads,
         "parameters": parameters,
     }
-    records = [{"label": lb, "seconds": round(s, 2), **r.to_dict()} for lb, r, s in results]
-    out.with_suffix(".json").write_text(
-        json.dumps({"settings": settings, "results": records, "costs": costs}, indent=1) + "\n"
-    )
-    out.with_suffix(".md").write_text(table + "\n")
-    update_readme("digits-lora", table)
+    write_results("digits-lora", table, settings, results, costs=costs)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -152,7 +153,15 @@ def methods(
     return rows
 
 
-def markdown(results: list[tuple[str, LDSResult, float]], args: argparse.Namespace) -> str:
+#: How the rows of lds_table.py are projected, as the table's footnote says it.
+PROJECTION = (
+    "dense Gaussian; the factored rows: the same total k as per-layer Kronecker factors, "
+    "see benchmarks/README.md"
+)
+Result = tuple[str, LDSResult, float]
+
+
+def markdown(results: list[Result], args: argparse.Namespace, projection: str = PROJECTION) -> str:
     by_label: dict[str, dict[str, LDSResult]] = {}
     for label, result, _ in results:
         by_label.setdefault(label, {})[result.query_set] = result
@@ -176,12 +185,51 @@ def markdown(results: list[tuple[str, LDSResult, float]], args: argparse.Namespa
     lines.append("")
     lines.append(
         f"Timesteps T = {args.timesteps} (uniform, noise shared by all images), projection "
-        f"k = {args.proj_dim} (dense Gaussian; the factored rows: the same total k as "
-        "per-layer Kronecker factors, see benchmarks/README.md), damping 0.01 x the mean "
-        "eigenvalue, library "
+        f"k = {args.proj_dim} ({projection}), damping 0.01 x the mean eigenvalue, library "
         f"defaults otherwise; noise ceiling {ceiling_text}."
     )
     return "\n".join(lines)
+
+
+def score_rows(
+    benchmark: LDSBenchmark, rows: dict[str, Scorer], run: Path, n_bootstrap: int
+) -> list[Result]:
+    """Each row's scores on each query set, kept under ``run/rows/``, and their LDS."""
+    results: list[Result] = []
+    for label, score in rows.items():
+        for query_set, queries in benchmark.queries.items():
+            began = time.perf_counter()
+            scores = score(queries)
+            seconds = time.perf_counter() - began
+            # Each row's scores are kept (methods share a name, e.g. the DAS variants).
+            scores.save(run / "rows" / re.sub(r"[^a-z0-9]+", "-", label.lower()) / query_set)
+            result = lds_score(benchmark, scores, query_set, n_bootstrap=n_bootstrap)
+            results.append((label, result, seconds))
+            print(
+                f"{label:28s} {query_set:9s} LDS {result.lds:6.3f} "
+                f"[{result.ci[0]:6.3f}, {result.ci[1]:6.3f}]  {seconds:6.1f} s",
+                flush=True,
+            )
+    return results
+
+
+def write_results(
+    name: str,
+    table: str,
+    settings: dict[str, Any],
+    results: list[Result],
+    **extra: Any,
+) -> None:
+    """Print the table; write results/lds-<name>.json and .md and the README's table."""
+    print("\n" + table)
+    out = HERE / "results" / f"lds-{name}"
+    out.parent.mkdir(exist_ok=True)
+    records = [{"label": lb, "seconds": round(s, 2), **r.to_dict()} for lb, r, s in results]
+    out.with_suffix(".json").write_text(
+        json.dumps({"settings": settings, "results": records, **extra}, indent=1) + "\n"
+    )
+    out.with_suffix(".md").write_text(table + "\n")
+    update_readme(name, table)
 
 
 def update_readme(name: str, table: str) -> None:
@@ -214,32 +262,12 @@ def main() -> None:
     name = benchmark.path.name
     run = Path(args.run) / name
     train_data = benchmark.train_data()
-    results: list[tuple[str, LDSResult, float]] = []
-    for label, score in methods(benchmark, train_data, args, run).items():
-        for query_set, queries in benchmark.queries.items():
-            began = time.perf_counter()
-            scores = score(queries)
-            seconds = time.perf_counter() - began
-            # Each row's scores are kept (methods share a name, e.g. the DAS variants).
-            scores.save(run / "rows" / re.sub(r"[^a-z0-9]+", "-", label.lower()) / query_set)
-            result = lds_score(benchmark, scores, query_set, n_bootstrap=args.bootstrap)
-            results.append((label, result, seconds))
-            print(
-                f"{label:28s} {query_set:9s} LDS {result.lds:6.3f} "
-                f"[{result.ci[0]:6.3f}, {result.ci[1]:6.3f}]  {seconds:6.1f} s",
-                flush=True,
-            )
+    rows = methods(benchmark, train_data, args, run)
+    results = score_rows(benchmark, rows, run, args.bootstrap)
     table = markdown(results, args)
     print("\n" + table)
-    out = HERE / "results" / f"lds-{name}"
-    out.parent.mkdir(exist_ok=True)
     settings = {"timesteps": args.timesteps, "proj_dim": args.proj_dim, "benchmark": benchmark.id}
-    records = [{"label": lb, "seconds": round(s, 2), **r.to_dict()} for lb, r, s in results]
-    out.with_suffix(".json").write_text(
-        json.dumps({"settings": settings, "results": records}, indent=1) + "\n"
-    )
-    out.with_suffix(".md").write_text(table + "\n")
-    update_readme(name, table)
+    write_results(name, table, settings, results)
 
 
 if __name__ == "__main__":
