@@ -274,6 +274,17 @@ def test_console_script_runs() -> None:
     assert "mlp-tiny" in result.stdout
 
 
+def test_plan_of_lora_adapters_counts_only_theirs(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--model", "cunet-tiny", "--n-train", "20", "--n-queries", "2"]
+    argv += ["--proj-dim", "32", "--batch-size", "2", "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    whole = json.loads(capsys.readouterr().out)["parameters"]
+    assert main([*argv, "--lora", "2"]) == 0
+    lora = json.loads(capsys.readouterr().out)["parameters"]
+    assert whole == 800_545
+    assert lora == 4_992  # rank 2 on the 16 attention projections (see the LoRA CLI tests)
+
+
 def test_plan_prints_memory_disk_and_time(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["plan", "--model", "mlp-tiny", "--n-train", "200", "--n-queries", "10"]
     assert main([*argv, "--proj-dim", "32", "--batch-size", "4", "--device", "cpu"]) == 0

@@ -116,7 +116,14 @@ def test_masks_keep_exactly_alpha_n_and_rows_do_not_depend_on_m() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("num_subsets", 2), ("fraction", 1.0), ("model_seeds", 0), ("schedule", "hours")],
+    [
+        ("num_subsets", 2),
+        ("fraction", 1.0),
+        ("model_seeds", 0),
+        ("schedule", "hours"),
+        ("guidance_scale", -1.0),
+        ("guidance_scale", float("nan")),
+    ],
 )
 def test_config_rejects_invalid_settings(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"LDSConfig.{field}="):

@@ -53,6 +53,8 @@ def _run(out: Path, split: DatasetSplit, **changes) -> Checkpoint:
         ("ema_decay", 1.0),
         ("grad_clip", 0.0),
         ("checkpoint_every", -1),
+        ("condition_dropout", -0.1),
+        ("condition_dropout", 1.0),
     ],
 )
 def test_train_config_rejects_invalid_fields(field: str, value: object) -> None:
