@@ -54,3 +54,36 @@ def test_digits_is_deterministic(digits: ImageDataset) -> None:
 def test_digits_rejects_bad_size(size: object) -> None:
     with pytest.raises(DataError, match="positive int"):
         load_digits(size)  # type: ignore[arg-type]
+
+
+def test_slant_style_shears_each_row_and_reloads_from_its_source(digits: ImageDataset) -> None:
+    from diffattr.data import load_from_source
+    from diffattr.data._loaders import SLANT_SHEAR
+
+    slanted = load_digits(style="slant", prompts="a slanted handwritten {label}")
+    assert slanted.name == "digits-slant"
+    assert slanted.source["style"] == "slant"
+    np.testing.assert_array_equal(slanted.labels, digits.labels)
+    ink = (digits.images[:, 0].double().numpy() + 1) * 8
+    out = (slanted.images[:, 0].double().numpy() + 1) * 8
+    # Reference: each row resampled at x - shift by linear interpolation, blank outside.
+    for row in range(8):
+        shift = SLANT_SHEAR * (3.5 - row)
+        padded = np.pad(ink[:, row], ((0, 0), (8, 8)))
+        at = np.arange(8) - shift + 8
+        expected = [np.interp(at, np.arange(24), padded[i]) for i in range(3)]
+        np.testing.assert_allclose(out[:3, row], np.array(expected), atol=1e-5)
+    # The top leans right and the bottom left: the ink's centre moves with the row.
+    assert out[:, 0].argmax(1).mean() > ink[:, 0].argmax(1).mean()
+    assert out[:, 7].argmax(1).mean() < ink[:, 7].argmax(1).mean()
+    again = load_from_source(slanted.select(slanted.ids[:5]).source)
+    torch.testing.assert_close(again.images, slanted.images[:5], rtol=0, atol=0)
+    assert again.prompts == slanted.prompts[:5]
+    assert (
+        slanted.fingerprint() != digits.with_prompts("a slanted handwritten {label}").fingerprint()
+    )
+
+
+def test_unknown_style_is_refused() -> None:
+    with pytest.raises(DataError, match="unknown digits style 'bold'"):
+        load_digits(style="bold")

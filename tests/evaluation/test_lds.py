@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,43 @@ def test_ground_truth_measures_the_diffusion_loss(built: LDSBenchmark) -> None:
                 values.append(((model(x_t, torch.tensor([t])) - noise) ** 2).mean().item())
         expected.append(np.mean(values))
     np.testing.assert_allclose(losses[1], expected, rtol=1e-5)
+
+
+def test_calibration_queries_are_drawn_recorded_and_scored_apart(
+    base: Checkpoint, tmp_path: Path
+) -> None:
+    config = replace(CONFIG, n_calibration=2)
+    bench = LDSBenchmark.create(tmp_path / "bench", base, config, progress=False)
+    for name, queries in bench.queries.items():
+        calibration = bench.calibration_ids(name)
+        assert len(calibration) == 2
+        assert set(calibration) <= set(queries.ids.tolist())
+    assert (
+        LDSBenchmark.create(tmp_path / "again", base, config, progress=False).record["queries"]
+        == bench.record["queries"]
+    )
+    bench.build(progress=False)
+    bench.merge()
+    queries = bench.queries["heldout"]
+    values = np.random.default_rng(1).normal(size=(len(queries), len(bench.train_ids)))
+    scores = Scores(values, queries.ids, bench.train_ids, "random")
+    everything = lds_score(bench, scores, "heldout", part="all", n_bootstrap=0)
+    reported = lds_score(bench, scores, "heldout", n_bootstrap=0)
+    calibration = lds_score(bench, scores, "heldout", part="calibration", n_bootstrap=0)
+    kept = np.isin(queries.ids, bench.calibration_ids("heldout"))
+    np.testing.assert_allclose(reported.per_query, everything.per_query[~kept])
+    np.testing.assert_allclose(calibration.per_query, everything.per_query[kept])
+    with pytest.raises(ConfigError, match="part='train'"):
+        lds_score(bench, scores, "heldout", part="train")  # type: ignore[arg-type]
+
+
+def test_calibration_split_must_leave_queries_to_report(built: LDSBenchmark) -> None:
+    with pytest.raises(ConfigError, match=r"LDSConfig\.n_calibration="):
+        LDSConfig(n_heldout=5, n_generated=0, n_calibration=5)
+    queries = built.queries["heldout"]
+    scores = Scores(
+        np.zeros((len(queries), len(built.train_ids))), queries.ids, built.train_ids, "x"
+    )
+    with pytest.raises(ConfigError, match="keeps no calibration queries"):
+        lds_score(built, scores, "heldout", part="calibration")
+    assert len(built.calibration_ids("heldout")) == 0

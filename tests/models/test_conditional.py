@@ -30,6 +30,7 @@ from tests.models.helpers import (
     prompted_dataset,
     random_dataset,
     seeded_model,
+    states_equal,
     tiny_config,
     unet_spec,
 )
@@ -136,6 +137,28 @@ def test_lora_fine_tune_trains_only_the_adapters(pretrained, tmp_path) -> None:
         n for n, p in model.named_parameters() if p.requires_grad
     ]
     assert ModelSpec.from_dict(fine.model_spec.to_dict()) == fine.model_spec
+
+
+def test_full_fine_tune_starts_from_every_pretrained_weight(pretrained, tmp_path) -> None:
+    data = prompted_dataset(seed=1)
+    unchanged = tiny_config(steps=1, learning_rate=1e-12, ema_decay=None, warmup_steps=0)
+    start = train(
+        pretrained.model_spec, data, unchanged, tmp_path / "f0", init=pretrained, progress=False
+    )
+    for key, value in pretrained.load_state("ema").items():
+        torch.testing.assert_close(start.load_state("model")[key], value, rtol=1e-9, atol=1e-9)
+    assert start.metadata["init"]["weights"] == pretrained.weights_id()
+    fresh = train(pretrained.model_spec, data, unchanged, tmp_path / "f1", progress=False)
+    assert not states_equal(fresh.load_state("model"), start.load_state("model"))
+    with pytest.raises(ConfigError, match=r"another model \('cunet-tiny'\) than a full fine-tune"):
+        train(
+            unet_spec(),
+            random_dataset(),
+            tiny_config(),
+            tmp_path / "u",
+            init=pretrained,
+            progress=False,
+        )
 
 
 def test_lora_needs_a_matching_pretrained_model(pretrained, tmp_path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from diffattr._device import resolve_device
 from diffattr._io import write_json
@@ -21,6 +21,7 @@ from diffattr.evaluation import (
     LDSBenchmark,
     LDSConfig,
     LDSResult,
+    QueryPart,
     counterfactual,
     lds_score,
 )
@@ -64,6 +65,13 @@ def add_parser(commands: Any) -> None:
         "--query-set",
         default=None,
         help="heldout or generated (default: the one whose ids the scores have)",
+    )
+    score.add_argument(
+        "--part",
+        choices=get_args(QueryPart),
+        default="reported",
+        help="reported: the queries outside the calibration split (default); calibration: only "
+        "those kept for choosing settings; all: both",
     )
     score.add_argument("--bootstrap", type=int, default=1000, help="resamples for the interval")
     score.add_argument("--out", help="also write the results as JSON here")
@@ -148,7 +156,9 @@ def score_command(args: argparse.Namespace) -> None:
     for directory in args.scores:
         scores = Scores.load(directory)
         query_set = args.query_set or _query_set_of(benchmark, scores)
-        results.append(lds_score(benchmark, scores, query_set, n_bootstrap=args.bootstrap))
+        results.append(
+            lds_score(benchmark, scores, query_set, part=args.part, n_bootstrap=args.bootstrap)
+        )
     print(format_table(results))
     if args.out:
         write_json(

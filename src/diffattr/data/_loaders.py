@@ -27,7 +27,33 @@ def _check_template(prompts: object) -> None:
         )
 
 
-def load_digits(size: int | None = None, prompts: str | None = None) -> ImageDataset:
+# Horizontal shear of the "slant" style: a row's ink moves by SLANT_SHEAR pixels per row above
+# the centre (to the right at the top, to the left at the bottom), at the digits' 8x8 scale.
+SLANT_SHEAR = 0.3
+DIGIT_STYLES = ("slant",)
+
+
+def _slant(ink: np.ndarray) -> np.ndarray:
+    """Shear (N, H, W) ink in [0, 16] horizontally by linear interpolation; blank enters."""
+    _, height, width = ink.shape
+    columns = np.arange(width, dtype=np.float64)
+    out = np.empty_like(ink)
+    for row in range(height):
+        shift = SLANT_SHEAR * ((height - 1) / 2 - row)
+        # out[x] = in[x - shift]: sample every image's row at the shifted positions at once.
+        source = columns - shift
+        low = np.floor(source).astype(int)
+        frac = (source - low).astype(ink.dtype)
+        left = np.where((low >= 0) & (low < width), ink[:, row, np.clip(low, 0, width - 1)], 0)
+        high = low + 1
+        right = np.where((high >= 0) & (high < width), ink[:, row, np.clip(high, 0, width - 1)], 0)
+        out[:, row] = (1 - frac) * left + frac * right
+    return out
+
+
+def load_digits(
+    size: int | None = None, prompts: str | None = None, style: str | None = None
+) -> ImageDataset:
     """Load scikit-learn's 1797 handwritten 8x8 digits (shipped with scikit-learn, no download).
 
     Pixel values 0..16 map linearly to [-1, 1]; sample ids are 0..1796 in scikit-learn's order
@@ -37,25 +63,39 @@ def load_digits(size: int | None = None, prompts: str | None = None) -> ImageDat
         size: Resize to ``size x size`` with antialiased bilinear interpolation; None keeps 8x8.
         prompts: A prompt template such as ``"a handwritten {label}"`` (see
             :meth:`ImageDataset.with_prompts`); None gives no prompts.
+        style: A fixed transform of every digit, applied at 8x8 before any resize: ``"slant"``
+            shears each row horizontally by ``SLANT_SHEAR`` (0.3) pixels per row from the
+            centre, linearly interpolated, so the digits lean right by about 17 degrees. None
+            keeps them as they are. It is recorded in the source, so a dataset reloads styled.
 
     Returns:
         The ``"digits"`` dataset, shape (1797, 1, 8, 8) or (1797, 1, size, size).
 
     Raises:
-        DataError: If ``size`` is not a positive int, or ``prompts`` is not a valid template.
+        DataError: If ``size`` is not a positive int, ``prompts`` is not a valid template, or
+            ``style`` is not one of ``DIGIT_STYLES``.
     """
     if size is not None and not is_positive_int(size):
         raise DataError(f"size must be a positive int, got {size!r}")
+    if style is not None and style not in DIGIT_STYLES:
+        raise DataError(f"unknown digits style {style!r}; expected one of {list(DIGIT_STYLES)}")
     _check_template(prompts)
     digits = sklearn.datasets.load_digits()
-    pixels = digits.images.astype(np.float32) / 8.0 - 1.0
+    ink = digits.images.astype(np.float32)
+    if style == "slant":
+        ink = _slant(ink)
+    pixels = ink / 8.0 - 1.0
     images = torch.from_numpy(np.ascontiguousarray(pixels[:, None]))
+    source: dict[str, Any] = {"kind": "digits", "size": None if size is None else int(size)}
+    if style is not None:
+        # Only when set, so the sources (and fingerprints) of unstyled digits stay as they were.
+        source["style"] = style
     dataset = ImageDataset(
         images=resize_images(images, parse_size(size)),
         ids=np.arange(len(pixels), dtype=np.int64),
-        name="digits",
+        name="digits" if style is None else f"digits-{style}",
         labels=digits.target.astype(np.int64),
-        source={"kind": "digits", "size": None if size is None else int(size)},
+        source=source,
     )
     return dataset if prompts is None else dataset.with_prompts(prompts)
 
@@ -123,7 +163,7 @@ def _reload(source: dict[str, Any]) -> ImageDataset:
     kind = source["kind"]
     if kind == "digits":
         _require(source, "size")
-        return load_digits(source["size"])
+        return load_digits(source["size"], style=source.get("style"))
     if kind == "folder":
         _require(source, "path", "size", "channels", "files")
         dataset = load_image_folder(source["path"], source["size"], source["channels"])

@@ -64,6 +64,7 @@ INIT_DIR = "init"
 FORMAT = "diffattr.lds-benchmark"
 FORMAT_VERSION = 1
 QUERY_SETS = ("heldout", "generated")
+QueryPart = Literal["reported", "calibration", "all"]
 
 Schedule = Literal["epochs", "steps"]
 
@@ -107,6 +108,13 @@ class LDSConfig:
             "(1: the conditional model alone)"
         },
     )
+    n_calibration: int = field(
+        default=0,
+        metadata={
+            "help": "queries of each set kept apart for choosing settings; the LDS is "
+            "reported on the others"
+        },
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -122,6 +130,9 @@ class LDSConfig:
             "guidance_scale": isinstance(self.guidance_scale, float | int)
             and math.isfinite(self.guidance_scale)
             and self.guidance_scale >= 0,
+            "n_calibration": is_int(self.n_calibration)
+            and self.n_calibration >= 0
+            and all(n == 0 or n > self.n_calibration for n in (self.n_heldout, self.n_generated)),
         }
         allowed = {
             "num_subsets": "an integer >= 3 (Spearman over subsets)",
@@ -134,6 +145,7 @@ class LDSConfig:
             "truth_noise_draws": "an integer >= 1",
             "seed": "an integer",
             "guidance_scale": "a finite number >= 0",
+            "n_calibration": "an integer >= 0, smaller than each non-empty query set",
         }
         check_fields(self, checks, allowed)
         if self.n_heldout + self.n_generated == 0:
@@ -369,6 +381,11 @@ class LDSBenchmark:
         entries = {}
         for name, dataset in queries.items():
             entries[name] = _save_queries(path, name, dataset)
+            order = torch.randperm(
+                len(dataset), generator=generator(config.seed, "lds-calib", name)
+            )
+            chosen = dataset.ids[order[: config.n_calibration].numpy()]
+            entries[name]["calibration_ids"] = sorted(int(i) for i in chosen)
         scheduler_t = int(base.scheduler_config.get("num_train_timesteps", 1000))
         record: dict[str, Any] = {
             "format": FORMAT,
@@ -592,6 +609,11 @@ class LDSBenchmark:
                 raise BenchmarkError(f"{file} belongs to another benchmark; merge again")
             return np.asarray(data[query_set], dtype=np.float64)
 
+    def calibration_ids(self, query_set: str) -> np.ndarray:
+        """The ids of the queries of a set kept apart for choosing settings (maybe none)."""
+        self._check_query_set(query_set)
+        return np.asarray(self.record["queries"][query_set].get("calibration_ids", []), np.int64)
+
     def _check_query_set(self, query_set: str) -> None:
         if query_set not in self.queries:
             raise ConfigError(
@@ -731,6 +753,7 @@ def lds_score(
     scores: Scores,
     query_set: str,
     *,
+    part: QueryPart = "reported",
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> LDSResult:
@@ -739,16 +762,36 @@ def lds_score(
     The score matrix's columns and rows are matched to the benchmark by sample id, so any order
     is accepted; different id sets are refused.
 
+    Args:
+        benchmark: A merged benchmark.
+        scores: Scores of (at least) the query set's images against the training set.
+        query_set: ``"heldout"`` or ``"generated"``.
+        part: ``"reported"``: the queries outside the calibration split (all of them when the
+            benchmark has none); ``"calibration"``: only those kept for choosing settings;
+            ``"all"``: both.
+        n_bootstrap: Resamples of the subsets for the interval.
+        seed: Seed of the resampling.
+
     Raises:
+        ConfigError: ``part`` is unknown, or ``"calibration"`` on a benchmark without that split.
         DataError: The scores' training ids or query ids are not the benchmark's.
         BenchmarkError: The benchmark is not merged.
     """
     benchmark._check_query_set(query_set)
+    if part not in get_args(QueryPart):
+        raise ConfigError(f"part={part!r} is invalid: expected one of {list(get_args(QueryPart))}")
     truth = benchmark.ground_truth(query_set)
     queries = benchmark.queries[query_set]
+    calibration = np.isin(queries.ids, benchmark.calibration_ids(query_set))
+    if part == "calibration" and not calibration.any():
+        raise ConfigError(f"{benchmark.path} keeps no calibration queries")
+    keep = {"reported": ~calibration, "calibration": calibration}.get(
+        part, np.ones_like(calibration)
+    )
+    truth = truth[..., keep]
     columns = _match_ids(scores.train_ids, benchmark.train_ids, "training", benchmark.path)
     rows = _match_ids(scores.query_ids, queries.ids, f"{query_set} query", benchmark.path)
-    values = np.asarray(scores.values, dtype=np.float64)[rows][:, columns]
+    values = np.asarray(scores.values, dtype=np.float64)[rows[keep]][:, columns]
     lds, ci, per_query = lds_from_arrays(
         benchmark.masks, truth.mean(axis=(1, 2)), values, n_bootstrap=n_bootstrap, seed=seed
     )

@@ -163,8 +163,9 @@ def train(
         scheduler_config: diffusers noise-scheduler config (default:
             :func:`default_scheduler_config`).
         init: Where training starts: the pretrained checkpoint that a spec with LoRA adapters
-            fine-tunes (its EMA weights when it has them), or the trained ``vae-tiny`` of a
-            latent model. It is recorded (path and weights hash) in the checkpoint.
+            fine-tunes, or that a spec equal to its own fine-tunes fully (its EMA weights when
+            it has them), or the trained ``vae-tiny`` of a latent model. It is recorded (path and
+            weights hash) in the checkpoint.
         device: Where to train ("cpu", "cuda", "cuda:1"...).
         until: Stop after this many steps in total (for time-boxed jobs); resume later.
         overwrite: Start afresh even if ``out_dir`` holds a different run.
@@ -201,12 +202,14 @@ def train(
     ema = _Ema(model, config.ema_decay) if config.ema_decay is not None else None
     start = 0
     if (out_dir / CHECKPOINT_FILE).exists() and not overwrite:
-        previous = load_checkpoint(out_dir)
+        # Trusted because nothing is built from it: it is resumed only if its model is `spec`,
+        # which the caller chose, and refused otherwise.
+        previous = load_checkpoint(out_dir, trust_remote_code=True)
         _check_same_run(previous, spec, scheduler_config, metadata)
         start = _restore(previous, model, optimizer, ema)
     stop = min(config.steps, until) if until is not None else config.steps
     if start >= stop:
-        return load_checkpoint(out_dir)
+        return load_checkpoint(out_dir, trust_remote_code=True)
 
     images = _diffusion_inputs(model, dataset, device)
     cond = condition(model, dataset.prompts)
@@ -264,7 +267,7 @@ def train(
                 snapshots,
             )
     bar.close()
-    return load_checkpoint(out_dir, verify=False)
+    return load_checkpoint(out_dir, verify=False, trust_remote_code=True)
 
 
 def _diffusion_inputs(
@@ -308,7 +311,10 @@ def _seeded_model(spec: ModelSpec, seed: int, init: Checkpoint | None) -> torch.
             model = build_model(spec, base_state=init.load_state(init.weights_role()))
         else:
             model = build_model(spec)
-            if init is not None:
+            if init is not None and init.model_spec.to_dict() == spec.to_dict():
+                # A full fine-tune: every weight starts from the pretrained model's.
+                load_weights(model, init.load_state(init.weights_role()), f"{init.path}: weights")
+            elif init is not None:
                 _load_autoencoder(model, spec, init)
     if count_parameters(model) == 0:
         raise ConfigError(f"model {spec.name!r} has no trainable parameters")
@@ -328,7 +334,8 @@ def _load_autoencoder(model: torch.nn.Module, spec: ModelSpec, init: Checkpoint)
     if vae is None:
         raise ConfigError(
             f"init={init.path} given, but {spec.name!r} has neither LoRA adapters to fine-tune "
-            "nor an autoencoder to load"
+            f"nor an autoencoder to load, and the init holds another model "
+            f"({init.model_spec.name!r}) than a full fine-tune needs"
         )
     scale = vae_latent_scale(init)
     expected = spec.config.get("vae") or {}
