@@ -264,7 +264,7 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
 def test_console_script_runs() -> None:
     script = Path(sys.executable).with_name("diffattr")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "diffattr.cli.main"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "diffattr"]
     result = subprocess.run(
         [*command, "models"], capture_output=True, text=True, timeout=120, check=False
     )
@@ -272,6 +272,19 @@ def test_console_script_runs() -> None:
     assert "unet-tiny" in result.stdout
     assert "unet-cifar" in result.stdout
     assert "mlp-tiny" in result.stdout
+
+
+def test_python_dash_m_diffattr_runs_without_warnings() -> None:
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "diffattr", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: diffattr")
+    assert result.stderr == ""
 
 
 def test_plan_of_lora_adapters_counts_only_theirs(capsys: pytest.CaptureFixture[str]) -> None:
