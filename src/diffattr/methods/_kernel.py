@@ -1,4 +1,4 @@
-"""Kernel methods: TRAK, D-TRAK and DAS (METHODS.md section 3).
+"""Kernel methods: TRAK, D-TRAK and DAS (docs/methods.md, the section of the same name).
 
 All three use the damped kernel K = Phi^T Phi + lambda I of the training features (k x k,
 accumulated in float64 in blocks of training rows). With r outputs per sample
@@ -230,7 +230,7 @@ class DASConfig(KernelConfig):
 
 
 class DAS(AttributionMethod):
-    """Diffusion Attribution Score (Lin et al., ICLR 2025), METHODS.md section 3.
+    """Diffusion Attribution Score (Lin et al., ICLR 2025); docs/methods.md, section "DAS".
 
     Linearising eps_theta and taking one Newton step for removing z_i, the change of the query's
     compressed prediction J(x) (an r-vector) is

@@ -1,4 +1,7 @@
-"""TracIn / Diffusion-TracIn and ReTrac, and the gradient-similarity baselines (METHODS.md 4)."""
+"""TracIn / Diffusion-TracIn and ReTrac, and the gradient-similarity baselines.
+
+The formulas: docs/methods.md, section "TracIn, ReTrac and gradient similarity".
+"""
 
 from __future__ import annotations
 
