@@ -59,7 +59,7 @@ def test_removal_moves_the_regeneration_and_nothing_removed_does_not(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("retrained a finished unit")
 
-    monkeypatch.setattr(module, "train", no_training)
+    monkeypatch.setattr(module, "retrain_like", no_training)
     again = counterfactual(base, queries, scores, CONFIG, tmp_path, progress=False)
     np.testing.assert_array_equal(again.pixel_l2["random-0"], result.pixel_l2["random-0"])
 
@@ -82,3 +82,5 @@ def test_bad_counterfactual_input_is_refused(
         counterfactual(base, queries, {}, CounterfactualConfig(k=30), tmp_path, progress=False)
     with pytest.raises(ConfigError, match="k=0"):
         CounterfactualConfig(k=0)
+    with pytest.raises(ConfigError, match="guidance_scale=-1"):
+        CounterfactualConfig(guidance_scale=-1)

@@ -19,6 +19,7 @@ from diffattr.evaluation._lds import (
     truth_plans,
 )
 from diffattr.evaluation._quality import ClassConfidence
+from diffattr.evaluation._retrain import recorded_init, recorded_recipe, retrain_like
 
 __all__ = [
     "ClassConfidence",
@@ -34,6 +35,9 @@ __all__ = [
     "lds_score",
     "noise_ceiling",
     "query_losses",
+    "recorded_init",
+    "recorded_recipe",
+    "retrain_like",
     "spearman_columns",
     "truth_plans",
 ]

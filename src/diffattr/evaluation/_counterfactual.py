@@ -1,11 +1,12 @@
 """Counterfactual evaluation: remove a query's top attributed training images and retrain.
 
-The retrained model regenerates the query from its seed, and the distance the image moves is
-compared with the distance after removing as many random training images.
+The retrained model regenerates the query from its seed (and prompt), and the distance the image
+moves is compared with the distance after removing as many random training images.
 
 Layout of the output directory::
 
-    models/<unit>/          retrained checkpoints (resumed if interrupted; deleted when done)
+    models/<unit>/          retrained checkpoints (resumed if interrupted; deleted when done
+                            unless kept)
     pieces/<unit>.npz       regenerated images of one retrained model (the unit of resumption)
     counterfactual.json     settings, removed ids and distances per query and removal
     counterfactual.png      rows: a query, then its regeneration after each removal
@@ -14,6 +15,7 @@ Layout of the output directory::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -30,8 +32,9 @@ from diffattr._io import write_json, write_npz
 from diffattr._seed import generator
 from diffattr.data import ImageDataset, save_grid
 from diffattr.errors import ConfigError, DataError
+from diffattr.evaluation._retrain import recorded_init, recorded_recipe, retrain_like
 from diffattr.methods import Scores
-from diffattr.models import Checkpoint, TrainConfig, sample_checkpoint, train
+from diffattr.models import Checkpoint, TrainConfig, sample_checkpoint
 
 #: Maps images (B, C, H, W) in [-1, 1] to feature rows (B, d) for the feature distance.
 FeatureMap = Callable[[torch.Tensor], np.ndarray]
@@ -49,6 +52,13 @@ class CounterfactualConfig:
     sampling_steps: int | None = field(
         default=None, metadata={"help": "its denoising steps (default: the sampler's default)"}
     )
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "conditional models: the classifier-free guidance the queries were "
+            "generated with (1: the conditional model alone)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random removals"})
 
     def __post_init__(self) -> None:
@@ -60,6 +70,12 @@ class CounterfactualConfig:
             )
         if self.sampler not in ("ddpm", "ddim"):
             raise ConfigError(f"CounterfactualConfig.sampler={self.sampler!r}: ddpm or ddim")
+        scale = self.guidance_scale
+        if not (isinstance(scale, float | int) and math.isfinite(scale) and scale >= 0):
+            raise ConfigError(
+                f"CounterfactualConfig.guidance_scale={scale!r} is invalid: must be a finite "
+                "number >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -101,38 +117,51 @@ def counterfactual(
     *,
     feature_map: FeatureMap | None = None,
     device: str | torch.device = "cpu",
+    keep_models: bool = False,
+    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> CounterfactualResult:
     """Run the removal-and-retrain experiment for generated queries.
 
-    Every retrained model repeats the base's recipe and seed on the training set minus the
-    removed images, and regenerates each query from its own seed, so the only difference from
-    the base is the removal.
+    Every retrained model repeats the base's training (see
+    :func:`~diffattr.evaluation.retrain_like`: its recipe and seed, and the pretrained model or
+    autoencoder it started from) on the training set minus the removed images, and regenerates
+    each query from its own seed and prompt, so the only difference from the base is the
+    removal.
 
     Args:
         base: The checkpoint that generated the queries.
-        queries: Generated images; their ids are the sampling seeds.
+        queries: Generated images; their ids are the sampling seeds, and a conditional
+            model's carry the prompts they were generated from.
         scores: Removal label (e.g. the method) -> :class:`~diffattr.methods.Scores` of these
             queries against the base's training images; each query's top-k are removed.
         config: k, random removals, the sampler the queries came from.
         out_dir: Output directory (resumed if present).
         feature_map: Images -> feature rows, for the feature distance (None: pixels only).
         device: Where to train and sample.
+        keep_models: Keep each retrained checkpoint under ``models/`` after sampling from it.
+        trust_remote_code: Allow a pretrained model (or autoencoder) that the base started from
+            whose model is an importable ``module:factory``; see
+            :func:`~diffattr.models.load_checkpoint`.
         progress: Show a progress bar.
 
     Raises:
+        CheckpointError: The base records no training recipe, or the checkpoint it started from
+            is missing or has changed since.
         DataError: Scores do not cover the queries or the training images, or the queries are
-            not what the base generates from their seeds with this sampler.
+            not what the base generates from their seeds (and prompts) with this sampler.
     """
     out = Path(out_dir)
     train_data = base.training_data()
-    if not base.metadata.get("training"):
-        raise DataError(f"{base.path} records no training recipe to repeat")
-    recipe = TrainConfig.from_dict(base.metadata["training"])
+    recipe = recorded_recipe(base)
+    init = recorded_init(base, trust_remote_code=trust_remote_code)
     if config.k >= len(train_data):
         raise ConfigError(f"k={config.k} removes the whole training set of {len(train_data)}")
     seeds = [int(i) for i in queries.ids]
-    originals = sample_checkpoint(base, seeds, **_sampling(config), device=device, progress=False)
+    prompts = None if queries.prompts is None else dict(zip(seeds, queries.prompts, strict=True))
+    originals = sample_checkpoint(
+        base, seeds, **_sampling(config, prompts, seeds), device=device, progress=False
+    )
     mismatch = float((originals - queries.images).abs().max()) if len(seeds) else 0.0
     if mismatch > 1e-2:
         raise DataError(
@@ -156,14 +185,13 @@ def counterfactual(
         }
     units = [("none", None)] + [(lb, s) for lb in removals if lb != "none" for s in seeds]
     regenerated: dict[str, dict[int, torch.Tensor]] = {label: {} for label in removals}
+    shared = _Retrain(base, init, recipe, train_data, config, prompts, device, keep_models)
     bar = tqdm(units, desc="counterfactual", unit="model", disable=not progress)
     for label, seed in bar:
         removed = removals[label][seeds[0] if seed is None else seed]
         which = seeds if seed is None else [seed]
         name = label if seed is None else f"{label}-seed-{seed}"
-        images = _retrain_and_sample(
-            base, train_data, removed, recipe, which, config, out / name, device
-        )
+        images = _retrain_and_sample(shared, removed, which, out / name)
         for s, image in zip(which, images, strict=True):
             regenerated[label][s] = image
     control = _rms(torch.stack([regenerated["none"][s] for s in seeds]), originals)
@@ -181,8 +209,15 @@ def counterfactual(
     return result
 
 
-def _sampling(config: CounterfactualConfig) -> dict[str, Any]:
-    return {"sampler": config.sampler, "num_inference_steps": config.sampling_steps}
+def _sampling(
+    config: CounterfactualConfig, prompts: dict[int, str] | None, seeds: list[int]
+) -> dict[str, Any]:
+    return {
+        "sampler": config.sampler,
+        "num_inference_steps": config.sampling_steps,
+        "prompts": None if prompts is None else [prompts[s] for s in seeds],
+        "guidance_scale": config.guidance_scale,
+    }
 
 
 def _top_k(
@@ -198,38 +233,50 @@ def _top_k(
     return {s: np.sort(scores.top_k(s, k)[0]) for s in seeds}
 
 
+@dataclass(frozen=True)
+class _Retrain:
+    """What every retrained model of one experiment shares."""
+
+    base: Checkpoint
+    init: Checkpoint | None
+    recipe: TrainConfig
+    train_data: ImageDataset
+    config: CounterfactualConfig
+    prompts: dict[int, str] | None
+    device: str | torch.device
+    keep_model: bool
+
+
 def _retrain_and_sample(
-    base: Checkpoint,
-    train_data: ImageDataset,
-    removed: np.ndarray,
-    recipe: TrainConfig,
-    seeds: list[int],
-    config: CounterfactualConfig,
-    unit: Path,
-    device: str | torch.device,
+    shared: _Retrain, removed: np.ndarray, seeds: list[int], unit: Path
 ) -> torch.Tensor:
     piece = unit.parent / "pieces" / f"{unit.name}.npz"
     if piece.is_file():
         with np.load(piece) as data:
             if data["removed"].tolist() == removed.tolist() and data["seeds"].tolist() == seeds:
                 return torch.from_numpy(data["images"])
+    train_data = shared.train_data
     keep = train_data.ids[~np.isin(train_data.ids, removed)]
     model_dir = unit.parent / "models" / unit.name
-    checkpoint = train(
-        base.model_spec,
+    checkpoint = retrain_like(
+        shared.base,
         train_data.select(keep),
-        recipe,
         model_dir,
-        scheduler_config=base.scheduler_config,
-        device=device,
-        progress=False,
+        init=shared.init,
+        recipe=shared.recipe,
+        device=shared.device,
     )
     images = sample_checkpoint(
-        checkpoint, seeds, **_sampling(config), device=device, progress=False
+        checkpoint,
+        seeds,
+        **_sampling(shared.config, shared.prompts, seeds),
+        device=shared.device,
+        progress=False,
     )
     arrays = {"images": images.numpy(), "removed": removed, "seeds": np.asarray(seeds)}
     write_npz(piece, arrays)
-    shutil.rmtree(model_dir, ignore_errors=True)
+    if not shared.keep_model:
+        shutil.rmtree(model_dir, ignore_errors=True)
     return images
 
 
