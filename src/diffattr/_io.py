@@ -74,6 +74,43 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def path_inside(
+    folder: str | os.PathLike[str], name: object, listed_in: str, error: type[Exception]
+) -> Path:
+    """Return ``folder / name`` for a file name a folder's own record lists, if it stays inside.
+
+    Names come from files that may have been edited by someone else (``checkpoint.json``, a
+    store's manifest, ``benchmark.json``): one that leaves the folder, through ``..``, as an
+    absolute path or through a symbolic link, is refused, so a shared folder never makes
+    diffattr read, overwrite or delete a file elsewhere.
+
+    Args:
+        folder: The folder that holds the record and its files.
+        name: The relative file name as recorded.
+        listed_in: Where the name was read (e.g. ``"checkpoint.json"``), for the message.
+        error: The exception to raise (the caller's domain error).
+
+    Returns:
+        ``folder / name``, unresolved, for messages that show the path as the user gave it.
+
+    Raises:
+        error: ``name`` is not a non-empty string, or does not resolve to a path strictly
+            inside ``folder`` once ``..`` and symbolic links are resolved.
+    """
+    folder = Path(folder)
+    if not isinstance(name, str) or not name:
+        raise error(f"{folder}: {listed_in} lists {name!r}, which is not a file name")
+    path = folder / name
+    root = folder.resolve()
+    resolved = path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise error(
+            f"{folder}: {listed_in} lists {name!r}, which resolves outside the folder "
+            f"({resolved}); diffattr reads and deletes only files inside it"
+        )
+    return path
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Return the hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

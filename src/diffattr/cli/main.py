@@ -14,7 +14,7 @@ from typing import Any
 from diffattr._version import __version__
 from diffattr.cli import _commands, _lds, _plan, _report
 from diffattr.cli._commands import MODEL_FREE_METHODS
-from diffattr.cli._options import add_backend_options, add_dataclass_options
+from diffattr.cli._options import add_backend_options, add_dataclass_options, add_trust_option
 from diffattr.errors import DiffattrError
 from diffattr.methods import METHODS, DASConfig, NDAConfig, TracInConfig
 from diffattr.models import DEFAULT_STEPS, TrainConfig, VAEConfig, available_models
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-alpha", type=float, help="LoRA scale alpha (default: the rank, a scale of 1)"
     )
     _add_common_options(train)
+    add_trust_option(train)
     add_dataclass_options(train, TrainConfig)
     train.set_defaults(run=_commands.train)
 
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which weights: auto = EMA when saved (default: auto)",
     )
     _add_common_options(sample)
+    add_trust_option(sample)
     sample.set_defaults(run=_commands.sample)
 
     info = commands.add_parser(
@@ -227,6 +229,7 @@ def _add_attribute_parser(commands: Any) -> None:
     )
     attribute.add_argument("--show", type=int, default=5, help="queries shown (default: 5)")
     _add_common_options(attribute)
+    add_trust_option(attribute)
     nda = attribute.add_argument_group("nda")
     nda.add_argument(
         "--heatmaps",

@@ -37,7 +37,7 @@ from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from diffattr._config import check_fields, is_int, known_fields
-from diffattr._io import read_format, sha256_file, write_json, write_npy, write_npz
+from diffattr._io import path_inside, read_format, sha256_file, write_json, write_npy, write_npz
 from diffattr._seed import derive_seed, generator
 from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_npz, save_grid
@@ -302,12 +302,12 @@ class LDSBenchmark:
         record: The content of ``benchmark.json``.
     """
 
-    def __init__(self, path: Path, record: dict[str, Any]) -> None:
+    def __init__(self, path: Path, record: dict[str, Any], *, trust_remote_code: bool) -> None:
         self.path = path
         self.record = record
         self.config = LDSConfig.from_dict(record["config"])
-        self.base = load_checkpoint(path / "base")
-        self.init = _open_init(path, record)
+        self.base = load_checkpoint(path / "base", trust_remote_code=trust_remote_code)
+        self.init = _open_init(path, record, trust_remote_code)
         self.train_ids = np.asarray(record["train_ids"], dtype=np.int64)
         self.masks = _load_masks(path, record, len(self.train_ids))
         self.queries = {
@@ -337,6 +337,7 @@ class LDSBenchmark:
         *,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        trust_remote_code: bool = False,
     ) -> LDSBenchmark:
         """Set up a benchmark for a trained base model: copy the base, draw masks and queries.
 
@@ -350,15 +351,19 @@ class LDSBenchmark:
             config: The settings.
             device: Where to sample the generated queries.
             progress: Show a progress bar while sampling.
+            trust_remote_code: Allow checkpoints (the base, its copy, the model it was
+                fine-tuned from, an existing benchmark's) whose model is an importable
+                ``module:factory``; see :func:`~diffattr.models.load_checkpoint`.
 
         Raises:
             BenchmarkError: ``path`` holds a different benchmark.
             DataError: The base records no reloadable data, or too few held-out images.
         """
         path = Path(path)
-        base = base if isinstance(base, Checkpoint) else load_checkpoint(base)
+        if not isinstance(base, Checkpoint):
+            base = load_checkpoint(base, trust_remote_code=trust_remote_code)
         if (path / BENCHMARK_FILE).exists():
-            existing = cls.open(path)
+            existing = cls.open(path, trust_remote_code=trust_remote_code)
             differing = []
             if existing.config != config:
                 differing.append("settings")
@@ -374,7 +379,7 @@ class LDSBenchmark:
         masks = draw_masks(len(train_data), config)
         queries = _draw_queries(base, config, device, progress)
         base_copy = _copy_base(base, path / "base")
-        init = _base_init(base)
+        init = _base_init(base, trust_remote_code)
         init_copy = _copy_base(init, path / INIT_DIR) if init is not None else None
         (path / "queries").mkdir(parents=True, exist_ok=True)
         write_npy(path / MASKS_FILE, masks)
@@ -407,21 +412,28 @@ class LDSBenchmark:
         }
         record["benchmark_id"] = _digest(record)
         write_json(path / BENCHMARK_FILE, record)
-        return cls.open(path)
+        return cls.open(path, trust_remote_code=trust_remote_code)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> LDSBenchmark:
+    def open(cls, path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> LDSBenchmark:
         """Open a benchmark directory.
+
+        Args:
+            path: The benchmark directory.
+            trust_remote_code: Allow a base (and pretrained model) whose model is an importable
+                ``module:factory``; see :func:`~diffattr.models.load_checkpoint`.
 
         Raises:
             BenchmarkError: No benchmark there, another format, or a file that does not match
-                ``benchmark.json``.
+                ``benchmark.json`` or lies outside the directory.
+            CheckpointError: The base is damaged, or needs ``trust_remote_code``.
         """
         path = Path(path)
         file = path / BENCHMARK_FILE
         if not file.is_file():
             raise BenchmarkError(f"{path}: not an LDS benchmark (no {BENCHMARK_FILE})")
-        return cls(path, read_format(file, FORMAT, FORMAT_VERSION, BenchmarkError))
+        record = read_format(file, FORMAT, FORMAT_VERSION, BenchmarkError)
+        return cls(path, record, trust_remote_code=trust_remote_code)
 
     def train_data(self) -> ImageDataset:
         """Reload the training images, in the order of :attr:`train_ids`."""
@@ -900,12 +912,12 @@ def _draw_queries(
     return queries
 
 
-def _base_init(base: Checkpoint) -> Checkpoint | None:
+def _base_init(base: Checkpoint, trust_remote_code: bool) -> Checkpoint | None:
     """The checkpoint the base started from (a LoRA fine-tune's pretrained model), if any."""
     record = base.metadata.get("init")
     if not record:
         return None
-    init = load_checkpoint(record["path"])
+    init = load_checkpoint(record["path"], trust_remote_code=trust_remote_code)
     if init.weights_id() != record["weights"]:
         raise BenchmarkError(
             f"{init.path}, the model {base.path} was fine-tuned from, has changed since (its "
@@ -914,12 +926,12 @@ def _base_init(base: Checkpoint) -> Checkpoint | None:
     return init
 
 
-def _open_init(path: Path, record: dict[str, Any]) -> Checkpoint | None:
+def _open_init(path: Path, record: dict[str, Any], trust_remote_code: bool) -> Checkpoint | None:
     # Every subset model starts from the same pretrained weights as the base: a copy of them.
     weights = record.get("init_weights")
     if weights is None:
         return None
-    init = load_checkpoint(path / INIT_DIR)
+    init = load_checkpoint(path / INIT_DIR, trust_remote_code=trust_remote_code)
     if init.weights_id() != weights:
         raise BenchmarkError(f"{path / INIT_DIR}: weights do not match {BENCHMARK_FILE}")
     return init
@@ -971,7 +983,7 @@ def _save_queries(path: Path, name: str, dataset: ImageDataset) -> dict[str, Any
 
 
 def _load_queries(path: Path, name: str, entry: dict[str, Any]) -> ImageDataset:
-    file = path / entry["file"]
+    file = path_inside(path, entry["file"], BENCHMARK_FILE, BenchmarkError)
     if not file.is_file():
         raise BenchmarkError(f"{file}: query set {name!r} is missing")
     if sha256_file(file) != entry["sha256"]:

@@ -203,7 +203,7 @@ def featurize_sharded(
     )
     distributed.barrier()
     parts = [
-        FeatureStore.open(path / part_name(distributed, rank), verify=False)
+        FeatureStore.open(path / part_name(distributed, rank))
         for rank in range(distributed.world_size)
     ]
     store = ShardedStore(parts, distributed)

@@ -4,7 +4,7 @@ For each training (or query) image z and each plan step (t, noise seed), the eng
 gradient g_t(z) of the output function over the selected parameters, optionally scales it to unit
 norm, averages over the plan, and projects once:
 
-    phi(z) = P^T (1/K) sum_t g_t(z) / ||g_t(z)||        (METHODS.md section 2)
+    phi(z) = P^T (1/K) sum_t g_t(z) / ||g_t(z)||        (docs/methods.md, "Gradient features")
 
 Projecting the plan average instead of each step is exact (P is linear) and K times cheaper. The
 store also keeps each step's diffusion loss and unnormalised gradient norm, which DAS's residual
@@ -258,8 +258,10 @@ def featurize(
             parts["features"].append(_project(projector, buffer))
         store.write_chunk(chunk, {name: np.concatenate(values) for name, values in parts.items()})
     bar.close()
+    # Verified either way: finalize() hashes what it completes, and a store found complete was
+    # hashed when create_or_resume opened it.
     store.finalize()
-    return FeatureStore.open(path, verify=False)
+    return store
 
 
 def _computer_and_projector(

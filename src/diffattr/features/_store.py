@@ -15,6 +15,11 @@ unfinished ones pending. Rewriting a finished chunk first marks it pending. ``fi
 every chunk against its CRC-32 before marking the store complete, so a store never becomes
 complete with bytes that differ from what was written.
 
+Integrity: every opening of a complete store hashes every file against the SHA-256 that
+``finalize()`` recorded (about a second per GB, see ``benchmarks/bench_store_verify.py``), so a
+changed byte, a zeroed chunk or an edited hash is refused rather than scored. A store's files
+must lie inside its directory: one that is a symbolic link out of it is refused.
+
 A store has a single writer: two processes filling the same directory at once are not supported
 and not detected. Readers of a complete store may be many.
 """
@@ -34,7 +39,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from diffattr._io import atomic_write, format_problem, read_json, sha256_file, write_json, write_npy
+from diffattr._io import (
+    atomic_write,
+    format_problem,
+    path_inside,
+    read_json,
+    sha256_file,
+    write_json,
+    write_npy,
+)
 from diffattr._version import __version__
 from diffattr.errors import (
     ConfigError,
@@ -126,7 +139,8 @@ class FeatureStore:
             DataError: ``ids`` is empty, not 1-D integers, or repeats an id.
             StoreMismatchError: The existing store was made with other settings, ids, arrays or
                 chunk size; the message names every differing key with both values.
-            StoreCorruptError: The existing store's files are damaged.
+            StoreCorruptError: The existing store's files are damaged (a complete store's are
+                hashed, as by :meth:`open`).
             StoreError: ``path`` is a file, or a non-empty directory that is not a store.
         """
         path = Path(path)
@@ -157,19 +171,18 @@ class FeatureStore:
             )
         if store.complete:
             store._writable = False
+            store._verify()
             return store
         _remove_stale_temporaries(path)
         store._done = _read_progress(path, store.num_chunks, list(store._arrays))
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, verify: bool = True) -> FeatureStore:
-        """Open a complete store read-only.
+    def open(cls, path: str | os.PathLike[str]) -> FeatureStore:
+        """Open a complete store read-only, after hashing every file against its manifest.
 
         Args:
             path: The store directory.
-            verify: Hash every file against the SHA-256 in the manifest (reads all the bytes,
-                O(store size)); with ``False`` only the file headers and sizes are checked.
 
         Returns:
             The store.
@@ -178,8 +191,8 @@ class FeatureStore:
             StoreError: The directory or its manifest is missing, or it is not a feature store.
             StoreIncompleteError: The featurisation has not finished (the message says how many
                 chunks are missing); rerunning it with the same settings resumes it.
-            StoreCorruptError: A file is missing, truncated, has another shape or dtype than the
-                manifest says, or (``verify``) differs from its recorded hash.
+            StoreCorruptError: A file is missing, truncated, outside the directory, has another
+                shape or dtype than the manifest says, or differs from its recorded SHA-256.
         """
         path = Path(path)
         if not path.is_dir():
@@ -193,13 +206,7 @@ class FeatureStore:
                 "featurisation with the same settings to resume it"
             )
         store = cls._load(path, writable=False, manifest=manifest)
-        if verify:
-            for file, digest in store._manifest["sha256"].items():
-                if sha256_file(path / file) != digest:
-                    raise StoreCorruptError(
-                        f"{path / file}: contents do not match the SHA-256 in {MANIFEST_FILE}; "
-                        f"the store is damaged: delete {path} and rerun the featurisation"
-                    )
+        store._verify()
         return store
 
     @classmethod
@@ -250,18 +257,28 @@ class FeatureStore:
                 for name, entry in manifest["arrays"].items()
             }
             ids_sha = str(manifest["ids"]["sha256"])
+            files = [IDS_FILE, *(f"{name}.npy" for name in specs)]
             valid = (
                 isinstance(manifest["settings"], dict)
                 and int(manifest["chunk_size"]) >= 1
                 and isinstance(manifest["complete"], bool)
                 and all(_NAME.match(name) and name != "ids" for name in specs)
                 and all(entry["shape"][0] == n for entry in manifest["arrays"].values())
-                and (not manifest["complete"] or isinstance(manifest["sha256"], dict))
+                # A complete store records the hash of exactly its files (see _verify).
+                and (
+                    not manifest["complete"]
+                    or (
+                        isinstance(manifest["sha256"], dict)
+                        and sorted(manifest["sha256"]) == sorted(files)
+                    )
+                )
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
             raise StoreCorruptError(f"{doc}: malformed manifest ({err!r})") from err
         if not valid or n < 1 or not specs:
             raise StoreCorruptError(f"{doc}: malformed manifest")
+        for file in files:
+            path_inside(path, file, MANIFEST_FILE, StoreCorruptError)
         _check_npy(path / IDS_FILE, (n,), np.dtype(np.int64))
         if writable and sha256_file(path / IDS_FILE) != ids_sha:
             raise StoreCorruptError(
@@ -471,6 +488,15 @@ class FeatureStore:
         }
 
     # ------------------------------------------------------------------ internals
+
+    def _verify(self) -> None:
+        """Hash every file of a complete store against the SHA-256 that finalize() recorded."""
+        for file, digest in sorted(self._manifest["sha256"].items()):
+            if sha256_file(self._path / file) != digest:
+                raise StoreCorruptError(
+                    f"{self._path / file}: contents do not match the SHA-256 in {MANIFEST_FILE}; "
+                    f"the store is damaged: delete {self._path} and rerun the featurisation"
+                )
 
     def _prepare(
         self, chunk: int, rows: int, values: Mapping[str, np.ndarray]

@@ -10,6 +10,10 @@ Layout of a checkpoint directory::
 
 Weight files carry the step in their names and ``checkpoint.json`` is replaced last, atomically,
 so an interrupted save leaves the previous checkpoint intact and loadable.
+
+Checkpoints are shared, so ``checkpoint.json`` is treated as untrusted data: the weight files it
+lists must lie inside the directory, and a model built by an importable ``module:factory`` (code
+from outside diffattr) loads only with ``trust_remote_code=True`` (see ``docs/trust.md``).
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffattr._io import atomic_write, read_format, read_json, sha256_file, write_json
+from diffattr._io import atomic_write, path_inside, read_format, read_json, sha256_file, write_json
 from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_from_source
 from diffattr.errors import CheckpointError, DataError
-from diffattr.models._registry import ModelSpec, build_model, load_weights
+from diffattr.models._registry import ModelSpec, build_model, imports_code, load_weights
 
 CHECKPOINT_FILE = "checkpoint.json"
 FORMAT = "diffattr.checkpoint"
@@ -69,7 +73,7 @@ class Checkpoint:
         """Read one weight file (``model``, ``ema`` or ``optimizer``) as a tensor dict."""
         if role not in self.files:
             raise CheckpointError(f"{self.path}: checkpoint has no {role!r} weights")
-        file = self.path / self.files[role]
+        file = path_inside(self.path, self.files[role], CHECKPOINT_FILE, CheckpointError)
         try:
             return load_file(file)
         except (SafetensorError, OSError) as err:
@@ -162,6 +166,9 @@ def save_checkpoint(
 ) -> Checkpoint:
     """Write a checkpoint atomically and delete the files of the one it replaces.
 
+    Only files inside ``path`` are deleted: a name the previous ``checkpoint.json`` lists outside
+    it (``..``, an absolute path, a symbolic link out) is left alone.
+
     Args:
         path: The checkpoint directory (created if missing).
         model_spec: How to rebuild the model.
@@ -196,21 +203,31 @@ def save_checkpoint(
         **(metadata or {}),
     }
     write_json(path / CHECKPOINT_FILE, doc)
-    for stale in previous - {entry["file"] for entry in files.values()}:
-        (path / stale).unlink(missing_ok=True)
-    return load_checkpoint(path, verify=False)
+    # Resolved, so that another spelling of a file just written is not taken for a stale one.
+    for stale in previous - {(path / entry["file"]).resolve() for entry in files.values()}:
+        stale.unlink(missing_ok=True)
+    # The caller chose model_spec: building it again needs no further consent.
+    return load_checkpoint(path, verify=False, trust_remote_code=True)
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str], *, verify: bool = True, trust_remote_code: bool = False
+) -> Checkpoint:
     """Open a checkpoint directory.
 
     Args:
         path: The directory holding ``checkpoint.json``.
         verify: Check every weight file against its recorded SHA-256.
+        trust_remote_code: Allow a model built by an importable ``"module:factory"``: building
+            it imports that module and calls the factory, which runs whatever code they hold.
+            Pass True only for checkpoints whose author you trust; registry models
+            (``diffattr models``) need no trust.
 
     Raises:
         CheckpointError: The directory or a file is missing, ``checkpoint.json`` is malformed or of
-            another format, or a weight file does not match its recorded hash.
+            another format, lists a weight file outside the directory, names an importable
+            factory without ``trust_remote_code``, or a weight file does not match its
+            recorded hash.
     """
     path = Path(path)
     doc_path = path / CHECKPOINT_FILE
@@ -234,8 +251,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Che
         raise CheckpointError(f"{doc_path}: malformed checkpoint description ({err!r})") from err
     if "model" not in files:
         raise CheckpointError(f"{doc_path}: lists no 'model' weights")
+    factory = checkpoint.model_spec.name
+    if imports_code(factory) and not trust_remote_code:
+        raise CheckpointError(
+            f"{path}: its model is built by {factory!r}, code imported from outside diffattr; load "
+            "it only if you trust its author, with trust_remote_code=True (--trust-remote-code)"
+        )
     for role, name in files.items():
-        file = path / name
+        file = path_inside(path, name, CHECKPOINT_FILE, CheckpointError)
         if not file.is_file():
             raise CheckpointError(f"{file}: {role} weights listed in {CHECKPOINT_FILE} are missing")
         if verify and sha256_file(file) != hashes[role]:
@@ -277,9 +300,16 @@ def refuse_other_run(previous: Checkpoint, current: dict[str, Any], stored: dict
         )
 
 
-def _referenced_files(path: Path) -> set[str]:
+def _referenced_files(path: Path) -> set[Path]:
+    """The weight files inside ``path`` that its current ``checkpoint.json`` lists, resolved."""
     try:
-        doc = read_json(path / CHECKPOINT_FILE)
-        return {entry["file"] for entry in doc["files"].values()}
+        names = [entry["file"] for entry in read_json(path / CHECKPOINT_FILE)["files"].values()]
     except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return set()
+    files = set()
+    for name in names:
+        try:
+            files.add(path_inside(path, name, CHECKPOINT_FILE, CheckpointError).resolve())
+        except CheckpointError:
+            continue  # never one of this checkpoint's files: it is left alone, not deleted
+    return files

@@ -46,7 +46,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from diffattr._io import atomic_write, read_json, sha256_file
+from diffattr._io import atomic_write, path_inside, read_json, sha256_file
 from diffattr.errors import CheckpointError, ConfigError
 from diffattr.models._checkpoint import WeightsChoice, scheduler_from_config
 from diffattr.models._conditional import TextToImageUNet
@@ -358,10 +358,11 @@ def _model_files(folder: Path, library: str) -> list[Path]:
         shards = sorted(set(read_json(shard_index)["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{shard_index}: malformed weight index ({err!r})") from err
-    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    files = [path_inside(folder, shard, shard_index.name, CheckpointError) for shard in shards]
+    missing = [shard for shard, file in zip(shards, files, strict=True) if not file.is_file()]
     if missing:
         raise CheckpointError(f"{folder}: weight shards {missing} of {shard_index.name} missing")
-    return [config, shard_index, *(folder / shard for shard in shards)]
+    return [config, shard_index, *files]
 
 
 def _tokenizer_files(folder: Path) -> list[Path]:

@@ -23,7 +23,8 @@ class ModelSpec:
 
     Attributes:
         name: A registry name such as ``"unet-tiny"``, or an importable ``"package.module:factory"``
-            whose factory accepts ``**config`` and returns a torch module.
+            whose factory accepts ``**config`` and returns a torch module (a checkpoint naming
+            one loads only with ``trust_remote_code``: see :func:`imports_code`).
         config: JSON-serialisable keyword arguments of the model's constructor or factory.
         lora: LoRA adapters on the built model (:class:`~diffattr.models.LoRAConfig` as a
             dict), or None. A spec with adapters is a fine-tune: only the adapters train.
@@ -228,7 +229,7 @@ def model_spec(
         raise ConfigError(
             f"in_channels and sample_size must be >= 1, got {in_channels}, {sample_size}"
         )
-    if ":" in name:
+    if imports_code(name):
         config = {"in_channels": in_channels, "sample_size": sample_size, **(overrides or {})}
         return ModelSpec(name=name, config=config)
     config = _entry(name).default_config(in_channels, sample_size)
@@ -343,8 +344,19 @@ def _entry(name: str) -> _Entry:
         ) from None
 
 
+def imports_code(name: str) -> bool:
+    """Whether building model ``name`` imports and runs code from outside diffattr.
+
+    A registry name builds a diffattr or diffusers class; ``"package.module:factory"`` imports
+    ``package.module`` and calls ``factory``, which may do anything. Such a name typed by the
+    user is their choice; read from a checkpoint it needs ``trust_remote_code`` (see
+    :func:`~diffattr.models.load_checkpoint`).
+    """
+    return ":" in name
+
+
 def _factory(name: str) -> Callable[..., nn.Module]:
-    if ":" not in name:
+    if not imports_code(name):
         return _entry(name).build
     module_name, _, attr = name.partition(":")
     try:

