@@ -8,7 +8,8 @@ temporary directory, finalises it, and times, best of ``--repeats``:
 
 - opening without hashing (headers and sizes only: what an opening cost before verification);
 - ``FeatureStore.open``, which hashes every file against its recorded SHA-256, with the files in
-  the page cache ("warm") and evicted from it first with ``posix_fadvise(DONTNEED)`` ("cold");
+  the page cache ("warm") and evicted from it first with ``posix_fadvise(DONTNEED)`` ("cold"; in
+  a virtual machine the host may still serve them from its own cache);
 - reading the features once (a sum over the memmap), what any scoring of the store pays anyway;
 - SHA-256 and zlib CRC-32 over the features file alone, the throughput of the two checks.
 
