@@ -5,12 +5,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import socket
+import sys
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diffattr.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: output_lock degrades to a warning
+    fcntl = None  # type: ignore[assignment]
+
+#: The file in an output directory that :func:`output_lock` locks; it names the last holder.
+LOCK_FILE = ".diffattr.lock"
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -147,3 +163,132 @@ def format_problem(doc: dict[str, Any], path: Path, fmt: str, version: int) -> s
             f"(this diffattr reads version {version})"
         )
     return None
+
+
+def check_output(path: str | os.PathLike[str], *, file: bool = False) -> Path:
+    """Refuse an output that cannot be written, before any work is spent on it.
+
+    A directory output must be a directory or not exist yet; a file output must not be a
+    directory. The nearest existing folder on the way must take a new file (a temporary one,
+    removed at once), so a missing permission or a file in the way is found now rather than
+    after training or featurisation.
+
+    Args:
+        path: The output directory, or with ``file`` the output file.
+        file: ``path`` is a file to write, not a directory.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        OutputError: The message names the path and the problem.
+    """
+    path = Path(path)
+    if file and path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name")
+    folder = (path.parent if file else path).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        if existing == folder and not file:
+            raise OutputError(f"{path} exists and is not a directory")
+        raise OutputError(f"{path} cannot be created: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise OutputError(f"{path} cannot be written: {existing}: {err.strerror or err}") from err
+    return path
+
+
+@contextmanager
+def output_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive lock on an output directory while the block writes into it.
+
+    Two processes writing one directory would mix or silently replace each other's files, so
+    the second is refused, with a message naming the holder's pid, host and command (recorded
+    in the directory's :data:`LOCK_FILE` while it is held). The lock is an advisory ``flock``,
+    which the kernel releases when its holder exits, however it exits: a run killed with
+    ``kill -9`` leaves its lock file but no lock, and rerunning it resumes. The lock file is
+    removed at the end, and so are the folders the call created if the block left them empty,
+    so a command that fails before writing leaves nothing behind. Without ``fcntl`` (Windows)
+    the block runs unlocked, with a warning.
+
+    Args:
+        directory: The output directory; checked with :func:`check_output` and created.
+
+    Yields:
+        ``directory`` as a Path.
+
+    Raises:
+        OutputError: The directory cannot be written, or another process holds its lock.
+    """
+    directory = check_output(directory)
+    absolute = directory.absolute()
+    created = list(takewhile(lambda p: not p.exists(), (absolute, *absolute.parents)))
+    try:
+        if fcntl is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            warnings.warn(
+                f"file locks are not available on this platform: nothing stops another "
+                f"diffattr process from writing {directory} at the same time",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            yield directory
+        else:
+            descriptor = _lock(directory / LOCK_FILE)
+            try:
+                yield directory
+            finally:
+                # Removed while still locked: a process that opened it meanwhile finds it gone
+                # once it gets the lock, and starts over (see _lock).
+                (directory / LOCK_FILE).unlink(missing_ok=True)
+                os.close(descriptor)
+    finally:
+        for folder in created:  # deepest first; the first one not empty ends it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _lock(path: Path) -> int:
+    """Create, lock and return a descriptor of the lock file ``path``, recording this process."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # a holder that left the folder empty has just removed it
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(descriptor)
+            os.close(descriptor)
+            raise OutputError(
+                f"{path.parent} is being written by another diffattr process ({holder}); "
+                "wait for it to finish or choose another output"
+            ) from None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(descriptor), current):
+            command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, json.dumps(record).encode(), 0)
+            return descriptor
+        # The holder removed the file between our open and our lock: this lock guards a file
+        # nobody else will open, so take the one that is there now.
+        os.close(descriptor)
+
+
+def _lock_holder(descriptor: int) -> str:
+    """Describe the process that holds a lock file, from the record it wrote."""
+    try:
+        holder = json.loads(os.pread(descriptor, 1 << 16, 0))
+        return f"pid {holder['pid']} on {holder['host']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        # The holder has just taken the lock and not written its record yet.
+        return "its record is not written yet"

@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DiffattrError",
+    "OutputError",
     "ReportError",
     "StoreCorruptError",
     "StoreError",
@@ -70,6 +71,10 @@ class StoreCorruptError(StoreError):
 
 class BenchmarkError(DiffattrError, OSError):
     """An LDS benchmark is missing pieces, of another format, or does not match its inputs."""
+
+
+class OutputError(DiffattrError, OSError):
+    """An output path cannot be created or written, or another diffattr process is writing it."""
 
 
 class ReportError(DiffattrError, ValueError):

@@ -275,3 +275,15 @@ def test_bad_metadata_names_the_file_and_line(
     with pytest.raises(DataError, match=match) as err:
         load_image_folder(tmp_path)
     assert str(path.resolve()) in str(err.value)
+
+
+def test_decompression_bomb_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS (a 14000 x 14000 PNG by default) with
+    # an error that is not an OSError; a small limit makes a small image one.
+    write_image(tmp_path / "small.png", np.zeros((4, 4), dtype=np.uint8))
+    write_image(tmp_path / "huge.png", np.zeros((64, 64), dtype=np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match="cannot read image") as err:
+        load_image_folder(tmp_path, size=4)
+    assert str(tmp_path / "huge.png") in str(err.value)
+    assert "decompression bomb" in str(err.value)

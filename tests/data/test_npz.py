@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffattr.data import load_from_source, load_npz
+from diffattr.data import load_dataset, load_from_source, load_npz
 from diffattr.errors import DataError
 
 
@@ -251,3 +251,24 @@ def test_object_prompts_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"x\.npz is not a valid \.npz file: .*allow_pickle"):
         load_npz(path)
+
+
+@pytest.mark.parametrize("key", ["ids", "labels"])
+def test_uint64_values_past_int64_are_refused_not_wrapped(tmp_path: Path, key: str) -> None:
+    # astype(int64) turns 2**63 into -2**63; the loader must refuse rather than renumber.
+    values = np.array([0, 1, 2**63], dtype=np.uint64)
+    path = _save(tmp_path / "x.npz", images=_uint8_images((3, 2, 2)), **{key: values})
+    with pytest.raises(DataError, match=f"'{key}' holds {2**63}, which does not fit"):
+        load_npz(path)
+    largest = np.array([0, 1, 2**63 - 1], dtype=np.uint64)
+    fits = _save(tmp_path / "y.npz", images=_uint8_images((3, 2, 2)), **{key: largest})
+    assert getattr(load_npz(fits), key).tolist() == [0, 1, 2**63 - 1]
+
+
+def test_ambiguous_layout_hint_names_the_command_line_option(tmp_path: Path) -> None:
+    path = _save(tmp_path / "x.npz", images=_uint8_images((2, 3, 4, 3)))
+    with pytest.raises(DataError, match="--layout NCHW"):
+        load_npz(path)
+    # load_dataset passes the layout on to .npz files, as the CLI's --layout does.
+    assert load_dataset(path, layout="NHWC").images.shape == (2, 3, 3, 4)
+    assert load_dataset(path, layout="NCHW").images.shape == (2, 3, 4, 3)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from diffattr._device import resolve_device
-from diffattr._io import write_json
+from diffattr._io import output_lock, write_json
 from diffattr.cli._options import dataclass_from_args, given_options, reject_foreign_options
 from diffattr.data import (
     ImageDataset,
@@ -80,7 +82,30 @@ MODEL_FREE_METHODS = ("nda", "pixel-cos")
 DEMO_TIMESTEPS = 10
 DEMO_PROJ_DIM = 1024
 
+#: A subcommand: what ``set_defaults(run=...)`` names.
+Command = Callable[[argparse.Namespace], None]
 
+
+def locking_out(command: Command) -> Command:
+    """Run ``command`` holding the lock on its ``--out`` directory (see :func:`output_lock`).
+
+    The lock is taken before anything else, so an output that cannot be written is refused
+    before any work, and a second process writing the same directory is refused outright.
+    Under torchrun only rank 0 takes it: the other ranks write into the directory it holds.
+    """
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> None:
+        if int(os.environ.get("RANK", "0")) > 0:
+            command(args)
+            return
+        with output_lock(args.out):
+            command(args)
+
+    return run
+
+
+@locking_out
 def train(args: argparse.Namespace) -> None:
     """``diffattr train``: train (or resume) a model on a dataset's training split."""
     device = resolve_device(args.device)
@@ -118,7 +143,11 @@ def train(args: argparse.Namespace) -> None:
 
 def _training_dataset(args: argparse.Namespace) -> ImageDataset:
     dataset = load_dataset(
-        args.data, size=args.size, value_range=args.value_range, prompts=args.prompts
+        args.data,
+        size=args.size,
+        value_range=args.value_range,
+        prompts=args.prompts,
+        layout=args.layout,
     )
     if args.labels is None:
         return dataset
@@ -144,6 +173,7 @@ def _train_spec(args: argparse.Namespace, dataset: ImageDataset, init: Checkpoin
     return replace(spec, config={**spec.config, "latent_scale": vae_latent_scale(init)})
 
 
+@locking_out
 def train_vae(args: argparse.Namespace) -> None:
     """``diffattr train-vae``: train the autoencoder of a latent diffusion model."""
     device = resolve_device(args.device)
@@ -169,6 +199,7 @@ def train_vae(args: argparse.Namespace) -> None:
     )
 
 
+@locking_out
 def sample(args: argparse.Namespace) -> None:
     """``diffattr sample``: generate images from a checkpoint, one seed per image."""
     device = resolve_device(args.device)
@@ -244,6 +275,7 @@ def models(args: argparse.Namespace) -> None:
         print(f"{name:12s} {description}")
 
 
+@locking_out
 def demo(args: argparse.Namespace) -> None:
     """``diffattr demo``: train unet-tiny on the digits, sample, measure quality, attribute."""
     device = resolve_device(args.device)
@@ -392,6 +424,7 @@ def _print_npz(path: Path) -> None:
         print(sidecar.read_text())
 
 
+@locking_out
 def attribute(args: argparse.Namespace) -> None:
     """``diffattr attribute``: score query images against a checkpoint's training images."""
     device = resolve_device(args.device)
@@ -624,15 +657,16 @@ def _print_top(args: argparse.Namespace, scores: Scores) -> None:
 def _attribution_data(checkpoint: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """The training images (the checkpoint's, or --data), and the queries (held-out or a path).
 
-    ``--prompts`` gives prompts to images that have none (a template); a pipeline's held-out
-    split does not exist, so its queries must be a path.
+    ``--prompts`` gives prompts to images that have none (a template), ``--layout`` the axis
+    order of those in .npz files; a pipeline's held-out split does not exist, so its queries
+    must be a path.
     """
     if args.data is not None:
-        train = load_dataset(args.data, prompts=args.prompts)
+        train = load_dataset(args.data, prompts=args.prompts, layout=args.layout)
     else:
         train = checkpoint.training_data()
     if args.queries != "held-out":
-        return train, load_dataset(args.queries, prompts=args.prompts)
+        return train, load_dataset(args.queries, prompts=args.prompts, layout=args.layout)
     if args.data is not None:
         raise ConfigError("a --pipeline has no held-out split: give --queries PATH")
     return train, checkpoint.heldout_data()

@@ -11,8 +11,15 @@ from pathlib import Path
 from typing import Any, get_args
 
 from diffattr._device import resolve_device
-from diffattr._io import write_json
-from diffattr.cli._options import add_dataclass_options, add_trust_option, dataclass_from_args
+from diffattr._io import check_output, write_json
+from diffattr.cli._commands import locking_out
+from diffattr.cli._options import (
+    add_dataclass_options,
+    add_trust_option,
+    dataclass_from_args,
+    non_negative_int,
+    positive_int,
+)
 from diffattr.data import load_dataset
 from diffattr.errors import ConfigError
 from diffattr.evaluation import (
@@ -43,7 +50,9 @@ def add_parser(commands: Any) -> None:
     )
     _add_setup_options(build, required=False)
     build.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: this process's share")
-    build.add_argument("--max-models", type=int, help="stop after training this many; rerun")
+    build.add_argument(
+        "--max-models", type=non_negative_int, help="stop after training this many; rerun"
+    )
     build.add_argument(
         "--keep-models", action="store_true", help="keep subset checkpoints under models/"
     )
@@ -73,7 +82,9 @@ def add_parser(commands: Any) -> None:
         help="reported: the queries outside the calibration split (default); calibration: only "
         "those kept for choosing settings; all: both",
     )
-    score.add_argument("--bootstrap", type=int, default=1000, help="resamples for the interval")
+    score.add_argument(
+        "--bootstrap", type=non_negative_int, default=1000, help="resamples for the interval"
+    )
     score.add_argument("--out", help="also write the results as JSON here")
     score.set_defaults(run=score_command)
 
@@ -99,6 +110,8 @@ def _open_or_create(args: argparse.Namespace) -> LDSBenchmark:
         if any(getattr(args, f, None) is not None for f in config.to_dict()):
             raise ConfigError("settings are fixed when a benchmark is set up: drop them, or --base")
         return benchmark
+    # Setting up samples the generated queries first: find an unwritable directory before.
+    check_output(path)
     return LDSBenchmark.create(
         path,
         args.base,
@@ -157,6 +170,8 @@ def status_command(args: argparse.Namespace) -> None:
 
 def score_command(args: argparse.Namespace) -> None:
     """``diffattr lds score``: one row per scores directory."""
+    if args.out:
+        check_output(args.out, file=True)
     benchmark = _open_without_models(args.benchmark)
     results = []
     for directory in args.scores:
@@ -221,7 +236,7 @@ def add_counterfactual_parser(commands: Any) -> None:
     parser.add_argument("checkpoint", help="the checkpoint that generated the queries")
     parser.add_argument("--queries", required=True, help="generated samples dir or .npz")
     parser.add_argument("--scores", nargs="+", required=True, help="scores dirs, one per method")
-    parser.add_argument("--n-queries", type=int, help="only the first N queries")
+    parser.add_argument("--n-queries", type=positive_int, help="only the first N queries")
     parser.add_argument("--out", required=True, help="output directory (resumed if present)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -230,6 +245,7 @@ def add_counterfactual_parser(commands: Any) -> None:
     parser.set_defaults(run=counterfactual_command)
 
 
+@locking_out
 def counterfactual_command(args: argparse.Namespace) -> None:
     """``diffattr counterfactual``: one row per removal, mean distances over the queries."""
     base = load_checkpoint(args.checkpoint, trust_remote_code=args.trust_remote_code)

@@ -14,6 +14,30 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts of at least 1.
+
+    Checked at the edge: a negative count would otherwise reach a slice such as ``ids[:n]``
+    and quietly mean "all but the last n".
+    """
+    return _count(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for counts where 0 means none."""
+    return _count(text, 0)
+
+
+def _count(text: str, least: int) -> int:
+    try:
+        value: int | None = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+    return value
+
+
 def add_backend_options(parser: Any) -> None:
     """``--backend`` and ``--factored-dim``, shared by ``attribute`` and ``plan``."""
     parser.add_argument(

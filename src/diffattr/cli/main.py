@@ -1,12 +1,15 @@
 """The ``diffattr`` command: a thin layer over the public API.
 
-Exit status: 0 on success, 1 with a one-line message for bad input (any ``DiffattrError``;
-``--debug`` shows the traceback), 2 for usage errors.
+Exit status: 0 on success, 1 with a one-line message for bad input (any ``DiffattrError``) or
+a file that cannot be read or written (any ``OSError``; ``--debug`` shows the traceback for
+both), 2 for usage errors. Output cut short by its reader (``diffattr info m | head``) ends
+quietly with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +17,13 @@ from typing import Any
 from diffattr._version import __version__
 from diffattr.cli import _commands, _lds, _plan, _report
 from diffattr.cli._commands import MODEL_FREE_METHODS
-from diffattr.cli._options import add_backend_options, add_dataclass_options, add_trust_option
+from diffattr.cli._options import (
+    add_backend_options,
+    add_dataclass_options,
+    add_trust_option,
+    non_negative_int,
+    positive_int,
+)
 from diffattr.errors import DiffattrError
 from diffattr.methods import METHODS, DASConfig, NDAConfig, TracInConfig
 from diffattr.models import DEFAULT_STEPS, TrainConfig, VAEConfig, available_models
@@ -39,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", required=True, help="checkpoint directory (resumed if present)")
     train.add_argument(
-        "--until", type=int, help="stop after this many steps in total; resume later"
+        "--until", type=positive_int, help="stop after this many steps in total; resume later"
     )
     train.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
     train.add_argument(
@@ -81,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="generate images from a checkpoint")
     sample.add_argument("checkpoint", help="checkpoint directory")
     sample.add_argument("--out", required=True, help="output directory")
-    sample.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    sample.add_argument("--n", type=positive_int, default=64, help="number of images (default: 64)")
     sample.add_argument("--seed", type=int, default=0, help="first seed: images use seed..seed+n-1")
     sample.add_argument("--seeds", help="explicit comma-separated seeds (overrides --n/--seed)")
     sample.add_argument("--sampler", choices=sorted(DEFAULT_STEPS), default="ddpm")
@@ -137,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=_commands.DEMO_STEPS,
         help=f"training steps (default: {_commands.DEMO_STEPS})",
     )
-    demo.add_argument("--n-samples", type=int, default=64, help="images to generate (default: 64)")
+    demo.add_argument(
+        "--n-samples", type=positive_int, default=64, help="images to generate (default: 64)"
+    )
     _add_common_options(demo)
     demo.set_defaults(run=_commands.demo)
     return parser
@@ -176,7 +187,14 @@ def _add_attribute_parser(commands: Any) -> None:
         default="held-out",
         help="'held-out' (the checkpoint's held-out split), a samples dir/.npz or image folder",
     )
-    attribute.add_argument("--n-queries", type=int, help="only the first N queries")
+    attribute.add_argument("--n-queries", type=positive_int, help="only the first N queries")
+    attribute.add_argument(
+        "--layout",
+        choices=["auto", "NCHW", "NHWC"],
+        default="auto",
+        help="axis order of the 4-D images of .npz --queries and --data (default: auto, from "
+        "the axis of 1 or 3 entries)",
+    )
     plan = attribute.add_argument_group("timestep plan")
     plan.add_argument("--timesteps", type=int, default=10, help="K plan steps (default: 10)")
     plan.add_argument("--plan", choices=["uniform", "cumulative", "random"], default="uniform")
@@ -225,15 +243,20 @@ def _add_attribute_parser(commands: Any) -> None:
     attribute.add_argument("--batch-size", type=int, default=32)
     attribute.add_argument("--chunk-size", type=int, default=256)
     attribute.add_argument(
-        "--show-top", type=int, default=5, help="proponents shown per query (default: 5)"
+        "--show-top",
+        type=positive_int,
+        default=5,
+        help="proponents shown per query (default: 5)",
     )
-    attribute.add_argument("--show", type=int, default=5, help="queries shown (default: 5)")
+    attribute.add_argument(
+        "--show", type=non_negative_int, default=5, help="queries shown (default: 5)"
+    )
     _add_common_options(attribute)
     add_trust_option(attribute)
     nda = attribute.add_argument_group("nda")
     nda.add_argument(
         "--heatmaps",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="save NDA heatmaps (query and top training image) for the first N queries",
     )
@@ -267,6 +290,12 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         "--value-range",
         type=_value_range,
         help="pixel range LOW,HIGH of an .npz's float images, e.g. 0,1 (default: inferred)",
+    )
+    group.add_argument(
+        "--layout",
+        choices=["auto", "NCHW", "NHWC"],
+        default="auto",
+        help="axis order of an .npz's 4-D images (default: auto, from the axis of 1 or 3 entries)",
     )
     group.add_argument(
         "--query-fraction", type=float, default=0.1, help="held-out query fraction (default: 0.1)"
@@ -321,10 +350,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
+        # Flushed here, so that a reader that has gone (`| head`) is noticed while it can be
+        # handled, not by the interpreter's last flush, which prints a traceback.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # As the Python docs recommend: nothing more can be shown, so send the rest of the
+        # output to devnull, where the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except DiffattrError as err:
         if args.debug:
             raise
         print(f"diffattr: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if args.debug:
+            raise
+        print(f"diffattr: error: {_os_error_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(
@@ -333,6 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     return 0
+
+
+def _os_error_message(err: OSError) -> str:
+    """``path: reason``, rather than the ``[Errno 13] Permission denied: 'path'`` of str()."""
+    if err.filename is None:
+        return str(err)
+    where = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else err.filename
+    return f"{where}: {err.strerror or err}"
 
 
 if __name__ == "__main__":

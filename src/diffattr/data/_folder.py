@@ -63,7 +63,9 @@ def _read(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, bool]:
         with Image.open(path) as image:
             image.load()
             return _decode(image, path, size)
-    except (OSError, SyntaxError) as err:  # Pillow raises SyntaxError for some malformed files
+    # Pillow raises SyntaxError for some malformed files, and DecompressionBombError (no
+    # OSError) for images too large to decode safely.
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
 
 

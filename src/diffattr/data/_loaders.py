@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import sklearn.datasets
@@ -114,6 +114,7 @@ def load_dataset(
     size: Size | None = None,
     value_range: tuple[float, float] | None = None,
     prompts: str | None = None,
+    layout: Literal["auto", "NCHW", "NHWC"] = "auto",
 ) -> ImageDataset:
     """Load a dataset named on the command line or in a config.
 
@@ -126,6 +127,8 @@ def load_dataset(
         prompts: A prompt template such as ``"a handwritten {label}"`` (see
             :meth:`ImageDataset.with_prompts`). Folders (``metadata.jsonl``) and ``.npz`` files
             (a ``prompts`` array) may carry their own prompts instead; None keeps those.
+        layout: The axis order of an ``.npz``'s 4-D images (see :func:`load_npz`); ignored for
+            the other kinds, whose layout is known (so one setting can serve several specs).
 
     Returns:
         The loaded dataset.
@@ -149,7 +152,7 @@ def load_dataset(
     if path.is_dir():
         return _with_template(load_image_folder(path, size), prompts)
     if path.suffix.lower() == ".npz":
-        return _with_template(load_npz(path, size, value_range=value_range), prompts)
+        return _with_template(load_npz(path, size, value_range, layout), prompts)
     raise DataError(f"cannot load dataset {os.fspath(spec)!r}: expected {_ACCEPTED_SPECS}")
 
 

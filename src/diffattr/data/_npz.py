@@ -48,7 +48,8 @@ def _to_nchw(images: np.ndarray, layout: str, path: Path) -> tuple[np.ndarray, s
         if first == last:
             raise DataError(
                 f"{path}: cannot tell the layout of images with shape {images.shape}; "
-                "pass layout='NCHW' or layout='NHWC'"
+                "pass layout='NCHW' or layout='NHWC' (on the command line: --layout NCHW or "
+                "--layout NHWC)"
             )
         layout = "NCHW" if first else "NHWC"
     if layout == "NHWC":
@@ -125,6 +126,11 @@ def _optional_ints(
         )
     if key == "ids" and len(np.unique(values)) != n:
         raise DataError(f"{path}: 'ids' must be unique")
+    if values.dtype.kind == "u" and n and values.max() > np.iinfo(np.int64).max:
+        # astype(int64) would wrap these around to negative numbers.
+        raise DataError(
+            f"{path}: '{key}' holds {values.max()}, which does not fit a signed 64-bit integer"
+        )
     return values.astype(np.int64)
 
 

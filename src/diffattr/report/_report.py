@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from diffattr._config import is_int
-from diffattr._io import atomic_write
+from diffattr._io import atomic_write, check_output
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError
 from diffattr.report._figures import attribution_figure, lds_figure
@@ -56,6 +56,7 @@ def write_report(
     Raises:
         ConfigError: ``k`` or ``max_queries`` is not a positive int, or ``out`` does not end in
             ``.html``.
+        OutputError: ``out`` or the figures folder cannot be written (checked before loading).
         ReportError: The run has no scores, lacks ``run.json`` (unless both image sets are
             given), mixes images across methods, names ids that are not in the images, or has a
             malformed LDS file.
@@ -67,9 +68,10 @@ def write_report(
     out = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
     if out.suffix.lower() != ".html":
         raise ConfigError(f"out={str(out)!r} is invalid: the report's file name must end in .html")
+    check_output(out, file=True)
+    figures_dir = check_output(out.with_suffix(""))
     run = load_run(run_dir, lds=lds, train=train, queries=queries)
     shown = _shown_queries(run)[:max_queries]
-    figures_dir = out.with_suffix("")
     figures = {}
     for method, scores in run.scores.items():
         rows = [q for q in shown if q in scores.query_ids][:FIGURE_ROWS]

@@ -207,9 +207,11 @@ def _reload_images(records: dict[str, dict[str, Any]]) -> tuple[ImageDataset, Im
     for method, entry in records.items():
         path = entry["checkpoints"][0]
         data = entry["settings"].get("data")
+        # The axis order given for .npz images (runs from before --layout record none).
+        layout = entry["settings"].get("layout", "auto")
         if data is not None:
             # A --pipeline run: its training images were given, a pipeline records none.
-            train_sets[path] = load_dataset(data)
+            train_sets[path] = load_dataset(data, layout=layout)
         elif path not in checkpoints:
             # The weights are not needed, only the data the metadata locates: skip hashing them.
             # Trusted because no model is built from it.
@@ -219,7 +221,9 @@ def _reload_images(records: dict[str, dict[str, Any]]) -> tuple[ImageDataset, Im
         key = (spec, path if spec == "held-out" else "")
         if key not in query_sets:
             query_sets[key] = (
-                checkpoints[path].heldout_data() if spec == "held-out" else load_dataset(spec)
+                checkpoints[path].heldout_data()
+                if spec == "held-out"
+                else load_dataset(spec, layout=layout)
             )
         train_of[method], queries_of[method] = train_sets[path], query_sets[key]
     return _one(train_of, "training images"), _one(queries_of, "queries")
