@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +10,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from diffattr.errors import BenchmarkError, ConfigError, DataError
+from diffattr._io import output_lock
+from diffattr.errors import BenchmarkError, ConfigError, DataError, OutputError
 from diffattr.evaluation import (
     LDSBenchmark,
     LDSConfig,
@@ -311,3 +313,16 @@ def test_calibration_split_must_leave_queries_to_report(built: LDSBenchmark) -> 
     with pytest.raises(ConfigError, match="keeps no calibration queries"):
         lds_score(built, scores, "heldout", part="calibration")
     assert len(built.calibration_ids("heldout")) == 0
+
+
+def test_a_unit_built_by_another_process_is_refused_and_other_units_go_on(
+    base: Checkpoint, tmp_path: Path
+) -> None:
+    bench = LDSBenchmark.create(tmp_path / "bench", base, CONFIG, progress=False)
+    # Shards of one n run side by side; a unit is locked only while it is built.
+    with output_lock(bench.path / "models" / bench.units[0].name):
+        with pytest.raises(OutputError, match=f"pid {os.getpid()} on "):
+            bench.build(progress=False)
+        assert len(bench.build(shard=(1, 2), max_models=1, progress=False).trained) == 1
+    assert bench.build(shard=(0, 2), max_models=1, progress=False).trained == [bench.units[0].name]
+    assert bench.status() == (2, 8)

@@ -37,11 +37,20 @@ from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from diffattr._config import check_fields, is_int, known_fields
-from diffattr._io import path_inside, read_format, sha256_file, write_json, write_npy, write_npz
+from diffattr._io import (
+    output_lock,
+    path_inside,
+    read_format,
+    sha256_file,
+    write_json,
+    write_npy,
+    write_npz,
+)
 from diffattr._seed import derive_seed, generator
 from diffattr._version import __version__
 from diffattr.data import ImageDataset, load_npz, save_grid
 from diffattr.errors import BenchmarkError, ConfigError, DataError
+from diffattr.evaluation._retrain import recorded_init, recorded_recipe, retrain_like
 from diffattr.features import Plan, PlanConfig
 from diffattr.methods import Scores
 from diffattr.models import (
@@ -54,7 +63,6 @@ from diffattr.models import (
     sample_checkpoint,
     save_checkpoint,
     to_diffusion_space,
-    train,
 )
 
 BENCHMARK_FILE = "benchmark.json"
@@ -71,7 +79,10 @@ Schedule = Literal["epochs", "steps"]
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LDSConfig:
-    """How an LDS benchmark is drawn, retrained and measured (METHODS.md section 6)."""
+    """How an LDS benchmark is drawn, retrained and measured.
+
+    The formulas: docs/methods.md, section "Linear datamodeling score (LDS)".
+    """
 
     num_subsets: int = field(default=64, metadata={"help": "M: random training subsets"})
     fraction: float = field(
@@ -379,7 +390,7 @@ class LDSBenchmark:
         masks = draw_masks(len(train_data), config)
         queries = _draw_queries(base, config, device, progress)
         base_copy = _copy_base(base, path / "base")
-        init = _base_init(base, trust_remote_code)
+        init = recorded_init(base, trust_remote_code=trust_remote_code)
         init_copy = _copy_base(init, path / INIT_DIR) if init is not None else None
         (path / "queries").mkdir(parents=True, exist_ok=True)
         write_npy(path / MASKS_FILE, masks)
@@ -485,6 +496,11 @@ class LDSBenchmark:
 
         Returns:
             What was trained, what was already done and what is left in this shard.
+
+        Raises:
+            OutputError: Another process is training one of this shard's units (each unit's
+                folder under ``models/`` is locked while it is built, see
+                :func:`~diffattr._io.output_lock`).
         """
         index, count = _check_shard(shard)
         mine = [u for i, u in enumerate(self.units) if i % count == index]
@@ -500,7 +516,12 @@ class LDSBenchmark:
             caches: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.queries}
             bar = tqdm(todo, desc=f"lds shard {index}/{count}", unit="model", disable=not progress)
             for unit in bar:
-                self._build_unit(unit, train_data, caches, device, keep_models, batch_size)
+                # Shards of one n never share a unit; overlapping ones (the same shard twice, or
+                # another n) meet here, and the second to reach a unit in progress is refused.
+                with output_lock(self.path / "models" / unit.name):
+                    if self.is_done(unit):  # measured by another process meanwhile
+                        continue
+                    self._build_unit(unit, train_data, caches, device, keep_models, batch_size)
                 trained.append(unit.name)
         remaining = sum(not self.is_done(u) for u in mine)
         return BuildReport(
@@ -519,15 +540,13 @@ class LDSBenchmark:
         began = time.perf_counter()
         subset = train_data.select(self.train_ids[self.masks[unit.subset]])
         model_dir = self.path / "models" / unit.name
-        checkpoint = train(
-            self.base.model_spec,
+        checkpoint = retrain_like(
+            self.base,
             subset,
-            self.subset_recipe(unit),
             model_dir,
-            scheduler_config=self.base.scheduler_config,
             init=self.init,
+            recipe=self.subset_recipe(unit),
             device=device,
-            progress=False,
         )
         model = checkpoint.load_model("auto", device=str(device))
         arrays = {
@@ -850,10 +869,7 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 def _subset_recipe(
     base: Checkpoint, config: LDSConfig, n_train: int, subset: int, seed: int
 ) -> TrainConfig:
-    recipe = base.metadata.get("training")
-    if not recipe:
-        raise BenchmarkError(f"{base.path} records no training recipe to repeat")
-    recipe = TrainConfig.from_dict(recipe)
+    recipe = recorded_recipe(base)
     keep = round(config.fraction * n_train)
     scale = keep / n_train if config.schedule == "epochs" else 1.0
     steps = max(1, round(recipe.steps * scale))
@@ -910,20 +926,6 @@ def _draw_queries(
             source={"kind": "memory"},
         )
     return queries
-
-
-def _base_init(base: Checkpoint, trust_remote_code: bool) -> Checkpoint | None:
-    """The checkpoint the base started from (a LoRA fine-tune's pretrained model), if any."""
-    record = base.metadata.get("init")
-    if not record:
-        return None
-    init = load_checkpoint(record["path"], trust_remote_code=trust_remote_code)
-    if init.weights_id() != record["weights"]:
-        raise BenchmarkError(
-            f"{init.path}, the model {base.path} was fine-tuned from, has changed since (its "
-            "weights differ from the recorded ones)"
-        )
-    return init
 
 
 def _open_init(path: Path, record: dict[str, Any], trust_remote_code: bool) -> Checkpoint | None:
