@@ -8,16 +8,13 @@ from diffattr.evaluation._counterfactual import (
 from diffattr.evaluation._lds import (
     LDSBenchmark,
     LDSConfig,
-    LDSResult,
     QueryPart,
     draw_masks,
-    lds_from_arrays,
-    lds_score,
-    noise_ceiling,
     query_losses,
-    spearman_columns,
     truth_plans,
 )
+from diffattr.evaluation._lds_score import LDSResult, lds_score
+from diffattr.evaluation._metric import lds_from_arrays, noise_ceiling, spearman_columns
 from diffattr.evaluation._quality import ClassConfidence
 from diffattr.evaluation._retrain import recorded_init, recorded_recipe, retrain_like
 

@@ -1,4 +1,4 @@
-"""Linear datamodeling score (LDS): subset masks, retrained subset models, ground truth, scoring.
+"""An LDS benchmark's life cycle: subset masks, retrained subset models, ground truth.
 
 A benchmark is a directory::
 
@@ -16,6 +16,7 @@ A benchmark is a directory::
 Every piece is written atomically and carries the benchmark's id, so a build resumes after an
 interruption (finished models are not retrained, a half-trained one resumes from its last
 checkpoint) and separate processes (``shard=(i, n)``) can split the retraining between them.
+The metric itself is ``_metric.py``; scoring saved scores on a benchmark, ``_lds_score.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
 from diffattr._config import check_fields, is_int, known_fields
@@ -52,7 +52,6 @@ from diffattr.data import ImageDataset, load_npz, save_grid
 from diffattr.errors import BenchmarkError, ConfigError, DataError
 from diffattr.evaluation._retrain import recorded_init, recorded_recipe, retrain_like
 from diffattr.features import Plan, PlanConfig
-from diffattr.methods import Scores
 from diffattr.models import (
     Checkpoint,
     TrainConfig,
@@ -650,210 +649,6 @@ class LDSBenchmark:
             raise ConfigError(
                 f"query set {query_set!r} is not in {self.path}: it has {sorted(self.queries)}"
             )
-
-
-@dataclass(frozen=True)
-class LDSResult:
-    """LDS of one score matrix on one query set of a benchmark.
-
-    Attributes:
-        method: The scores' method name.
-        query_set: Which queries.
-        lds: Mean over queries of the Spearman correlation, over subsets, between predicted and
-            measured model outputs.
-        ci: (low, high) 95% bootstrap interval of ``lds`` over subsets.
-        per_query: (Q,) Spearman correlation of each query.
-        split_half: Mean Spearman correlation between the ground truths of two halves of the
-            models' seeds (of the noise draws when there is one seed per subset); None when
-            there is nothing to split.
-        ceiling: The noise ceiling: the expected LDS of a perfect predictor against the full
-            ground truth, ``sqrt(2 r / (1 + r))`` from the split-half ``r`` (Spearman-Brown).
-        ceiling_basis: ``"model seeds"`` or ``"noise draws"`` (then the ceiling ignores
-            training noise and is optimistic).
-        n_subsets: M.
-        settings: The scores' settings (timesteps, projection size...).
-    """
-
-    method: str
-    query_set: str
-    lds: float
-    ci: tuple[float, float]
-    per_query: np.ndarray
-    split_half: float | None
-    ceiling: float | None
-    ceiling_basis: str | None
-    n_subsets: int
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary (per-query values included)."""
-        return {
-            "method": self.method,
-            "query_set": self.query_set,
-            "lds": self.lds,
-            "ci": list(self.ci),
-            "per_query": self.per_query.tolist(),
-            "split_half": self.split_half,
-            "ceiling": self.ceiling,
-            "ceiling_basis": self.ceiling_basis,
-            "n_subsets": self.n_subsets,
-            "n_queries": len(self.per_query),
-            "settings": self.settings,
-        }
-
-
-def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation between matching columns of two (M, Q) arrays (ties: mean ranks).
-
-    A column that is constant in either array has no ranking and gets correlation 0.
-    """
-    if a.shape != b.shape or a.ndim < 2:
-        raise ConfigError(
-            f"spearman_columns needs two equal (M, Q) arrays, got {a.shape}, {b.shape}"
-        )
-    return _pearson(rankdata(a, axis=-2), rankdata(b, axis=-2))
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(axis=-2, keepdims=True)
-    b = b - b.mean(axis=-2, keepdims=True)
-    num = (a * b).sum(axis=-2)
-    den = np.sqrt((a * a).sum(axis=-2) * (b * b).sum(axis=-2))
-    safe = np.where(den > 0, den, 1.0)
-    return np.where(den > 0, num / safe, 0.0)
-
-
-def lds_from_arrays(
-    masks: np.ndarray,
-    losses: np.ndarray,
-    scores: np.ndarray,
-    *,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> tuple[float, tuple[float, float], np.ndarray]:
-    """LDS of a score matrix against measured losses.
-
-    Args:
-        masks: (M, N) bool subset masks.
-        losses: (M, Q) measured losses of each query under each subset's model (lower: the
-            subset helped the query).
-        scores: (Q, N) attribution scores, positive meaning the training image helped.
-        n_bootstrap: Resamples of the subsets for the confidence interval (0: none).
-        seed: Seed of the resampling.
-
-    Returns:
-        (LDS, (low, high) 95% interval, per-query Spearman correlations).
-    """
-    predicted = masks.astype(np.float64) @ scores.astype(np.float64).T
-    outcome = -losses
-    per_query = spearman_columns(predicted, outcome)
-    lds = float(per_query.mean())
-    if n_bootstrap <= 0:
-        return lds, (lds, lds), per_query
-    rng = np.random.default_rng(derive_seed(seed, "lds-bootstrap"))
-    n_subsets = len(masks)
-    means = []
-    for start in range(0, n_bootstrap, 100):
-        rows = rng.integers(0, n_subsets, size=(min(100, n_bootstrap - start), n_subsets))
-        means.append(spearman_columns(predicted[rows], outcome[rows]).mean(axis=-1))
-    low, high = np.quantile(np.concatenate(means), [0.025, 0.975])
-    return lds, (float(low), float(high)), per_query
-
-
-def noise_ceiling(truth: np.ndarray) -> tuple[float | None, float | None, str | None]:
-    """Split-half reliability of an (M, S, R, Q) ground truth, and the ceiling it implies.
-
-    Returns:
-        (split-half mean Spearman r, ceiling sqrt(2r / (1 + r)), basis); Nones when S = R = 1.
-    """
-    if truth.shape[1] >= 2:
-        first, second = truth[:, 0::2].mean(axis=(1, 2)), truth[:, 1::2].mean(axis=(1, 2))
-        basis = "model seeds"
-    elif truth.shape[2] >= 2:
-        first, second = truth[:, :, 0::2].mean(axis=(1, 2)), truth[:, :, 1::2].mean(axis=(1, 2))
-        basis = "noise draws"
-    else:
-        return None, None, None
-    r = float(spearman_columns(first, second).mean())
-    ceiling = math.sqrt(2 * r / (1 + r)) if r > 0 else 0.0
-    return r, ceiling, basis
-
-
-def lds_score(
-    benchmark: LDSBenchmark,
-    scores: Scores,
-    query_set: str,
-    *,
-    part: QueryPart = "reported",
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> LDSResult:
-    """LDS of saved :class:`~diffattr.methods.Scores` on a benchmark's query set.
-
-    The score matrix's columns and rows are matched to the benchmark by sample id, so any order
-    is accepted; different id sets are refused.
-
-    Args:
-        benchmark: A merged benchmark.
-        scores: Scores of (at least) the query set's images against the training set.
-        query_set: ``"heldout"`` or ``"generated"``.
-        part: ``"reported"``: the queries outside the calibration split (all of them when the
-            benchmark has none); ``"calibration"``: only those kept for choosing settings;
-            ``"all"``: both.
-        n_bootstrap: Resamples of the subsets for the interval.
-        seed: Seed of the resampling.
-
-    Raises:
-        ConfigError: ``part`` is unknown, or ``"calibration"`` on a benchmark without that split.
-        DataError: The scores' training ids or query ids are not the benchmark's.
-        BenchmarkError: The benchmark is not merged.
-    """
-    benchmark._check_query_set(query_set)
-    if part not in get_args(QueryPart):
-        raise ConfigError(f"part={part!r} is invalid: expected one of {list(get_args(QueryPart))}")
-    truth = benchmark.ground_truth(query_set)
-    queries = benchmark.queries[query_set]
-    calibration = np.isin(queries.ids, benchmark.calibration_ids(query_set))
-    if part == "calibration" and not calibration.any():
-        raise ConfigError(f"{benchmark.path} keeps no calibration queries")
-    keep = {"reported": ~calibration, "calibration": calibration}.get(
-        part, np.ones_like(calibration)
-    )
-    truth = truth[..., keep]
-    columns = _match_ids(scores.train_ids, benchmark.train_ids, "training", benchmark.path)
-    rows = _match_ids(scores.query_ids, queries.ids, f"{query_set} query", benchmark.path)
-    values = np.asarray(scores.values, dtype=np.float64)[rows[keep]][:, columns]
-    lds, ci, per_query = lds_from_arrays(
-        benchmark.masks, truth.mean(axis=(1, 2)), values, n_bootstrap=n_bootstrap, seed=seed
-    )
-    split_half, ceiling, basis = noise_ceiling(truth)
-    return LDSResult(
-        method=scores.method,
-        query_set=query_set,
-        lds=lds,
-        ci=ci,
-        per_query=per_query,
-        split_half=split_half,
-        ceiling=ceiling,
-        ceiling_basis=basis,
-        n_subsets=len(benchmark.masks),
-        settings=dict(scores.settings),
-    )
-
-
-def _match_ids(have: np.ndarray, want: np.ndarray, what: str, where: Path) -> np.ndarray:
-    """Indices into ``have`` that give ``want``'s order; the two must be the same id set."""
-    have = np.asarray(have, dtype=np.int64)
-    position = {int(i): n for n, i in enumerate(have)}
-    missing = [int(i) for i in want if int(i) not in position]
-    extra = len(set(position) - {int(i) for i in want})
-    if missing or extra:
-        raise DataError(
-            f"the scores' {what} ids do not match the benchmark {where}: {len(missing)} of its "
-            f"{len(want)} ids are missing from the scores (e.g. {missing[:3]}) and the scores have "
-            f"{extra} ids it does not; score the benchmark's own images"
-        )
-    return np.array([position[int(i)] for i in want], dtype=np.int64)
 
 
 def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
