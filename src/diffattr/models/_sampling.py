@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,12 @@ Sampler = Literal["ddpm", "ddim"]
 #: Default number of denoising steps per sampler: DDPM uses the full chain, DDIM a short one.
 DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 100}
 
+#: Called by :func:`sample` after each denoising step with ``(rows, t, x_t, x0_pred, x_prev)``:
+#: the batch's indices into ``seeds``, the timestep, the state the model was evaluated at, the
+#: scheduler's prediction of the clean sample, and the next state (after the last step: the
+#: final sample), all in diffusion space (a latent model's latents).
+StepHook = Callable[[list[int], int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
 
 @torch.no_grad()
 def sample(
@@ -40,6 +46,7 @@ def sample(
     guidance_scale: float = 1.0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    on_step: StepHook | None = None,
 ) -> torch.Tensor:
     """Generate one image per seed (and per prompt, for a conditional model).
 
@@ -66,6 +73,8 @@ def sample(
         guidance_scale: Classifier-free guidance weight w (1: the conditional model alone).
         device: Where to run the model.
         progress: Show a progress bar.
+        on_step: Sees every state of the chain (see :data:`StepHook`); Journey-TRAK records
+            the trajectory with it.
 
     Returns:
         Images (len(seeds), C, H, W), float32 in [-1, 1], on the CPU.
@@ -119,7 +128,10 @@ def sample(
                 prediction = unconditioned + guidance_scale * (conditioned - unconditioned)
             else:
                 prediction = predict(model, x, t.to(device), batch_cond)
-            x = scheduler.step(prediction, t, x, generator=generators, **step_kwargs).prev_sample
+            step = scheduler.step(prediction, t, x, generator=generators, **step_kwargs)
+            if on_step is not None:
+                on_step(batch, int(t), x, step.pred_original_sample, step.prev_sample)
+            x = step.prev_sample
             bar.update(1)
         out.append(to_image_space(model, x).float().cpu())
     bar.close()
