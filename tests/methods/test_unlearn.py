@@ -166,6 +166,18 @@ def test_weights_are_never_written_and_scores_are_deterministic(
     assert first.settings["loss_plan"]["config"]["noise"] == "per_sample"
 
 
+def test_a_stiff_penalty_holds_the_weights_without_diverging(
+    checkpoint: Checkpoint, queries, tmp_path: Path
+) -> None:
+    # eta lambda F~ >> 2 everywhere: an explicit penalty step would diverge; the proximal one
+    # pins the weights, so the losses barely move.
+    settings = {"steps": 3, "learning_rate": 1.0}
+    free = _score(checkpoint, queries, tmp_path / "free", fisher_weight=0.0, **settings)
+    held = _score(checkpoint, queries, tmp_path / "held", fisher_weight=1e8, **settings)
+    assert np.isfinite(held.values).all()
+    assert np.abs(held.values).max() < 1e-3 * np.abs(free.values).max()
+
+
 def test_config_is_validated() -> None:
     for bad in (
         {"steps": 0},

@@ -3,9 +3,10 @@
 After Wang, Efros, Zhu and Zhang, NeurIPS 2024, "Data Attribution for Text-to-Image Models by
 Unlearning Synthesized Images". For each query x, a copy of the model unlearns x by ``steps``
 steps of gradient ascent on x's diffusion loss, held near the original weights theta_0 by a
-penalty weighted by the diagonal Fisher F of the training loss:
+penalty (lambda / 2) sum_j F~_j (theta_j - theta_0j)^2 weighted by the diagonal Fisher of the
+training loss: an ascent step on L_x, then the penalty's proximal (implicit) step,
 
-    theta <- theta + eta * ( grad L_x(theta) - lambda * F~ (theta - theta_0) ),
+    theta - theta_0 <- (theta - theta_0 + eta grad L_x(theta)) / (1 + eta lambda F~),
 
 F~ = F / mean(F), F_j = (1/M) sum_m (d l(z_m; t_m, eps_m) / d theta_j)^2 over M training images
 drawn with their timestep and noise from ``seed`` (the empirical Fisher of the diffusion loss).
@@ -382,9 +383,12 @@ class Unlearn(AttributionMethod):
                 ).sum()
                 for total, g in zip(grads, torch.autograd.grad(loss, selected), strict=True):
                     total.add_(g)
+            eta, weight = config.learning_rate, config.fisher_weight
             with torch.no_grad():
                 for p, g, p0, f in zip(selected, grads, origin, fisher, strict=True):
-                    p.add_(config.learning_rate * (g - config.fisher_weight * f * (p - p0)))
+                    # The penalty's step is implicit (proximal): where eta lambda F~ > 2 an
+                    # explicit step would overshoot theta_0 and diverge.
+                    p.copy_(p0 + (p - p0 + eta * g) / (1 + eta * weight * f))
 
     def _candidates(self, train: ModelImages, query: ModelImages) -> list[np.ndarray]:
         """Per query, the training rows that get the loss pass (all, or the top_m candidates)."""
@@ -424,7 +428,7 @@ def _split(flat: np.ndarray, like: list[torch.Tensor]) -> list[torch.Tensor]:
     out, start = [], 0
     for tensor in like:
         stop = start + tensor.numel()
-        piece = torch.as_tensor(np.asarray(flat[start:stop]))
+        piece = torch.tensor(np.asarray(flat[start:stop]))
         out.append(piece.reshape(tensor.shape).to(tensor))
         start = stop
     return out
