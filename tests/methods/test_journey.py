@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler
 from diffattr._seed import generator
 from diffattr.cli import main
 from diffattr.data import load_dataset, load_digits, split_dataset
-from diffattr.errors import ConfigError, DataError
+from diffattr.errors import ConfigError, DataError, ReportError
 from diffattr.features import FeatureConfig, FeatureStore, PlanConfig, ProjectionConfig
 from diffattr.methods import METHODS, Attribution, JourneyTRAK, JourneyTRAKConfig, Scores
 from diffattr.methods._journey import StepScores, step_indices
@@ -29,6 +29,7 @@ from diffattr.models import (
     train,
 )
 from diffattr.models._training import diffusion_target
+from diffattr.report._journey import journey_figure
 
 SEEDS = [3, 7, 11]
 CHAIN = 12  # DDIM steps of the generated queries
@@ -142,6 +143,18 @@ def test_step_scores_are_kernel_scores_of_each_step_and_average_to_the_image_sco
     np.testing.assert_array_equal(saved.timesteps, store.array("timesteps"))
     assert method.step_scores is not None
     assert Scores.load(run.layout.scores("journey-trak")).settings["aggregate"].startswith("mean")
+
+
+def test_report_figure_shows_the_trajectory_and_top_images_per_step(
+    checkpoint: Checkpoint, exact_run, tmp_path: Path
+) -> None:
+    run, _, _, store = exact_run
+    steps = StepScores.load(run.layout.scores("journey-trak"))
+    np.testing.assert_array_equal(steps.denoised, store.array("denoised"))
+    png = journey_figure(tmp_path / "journey.png", steps, checkpoint.training_data(), SEEDS[1])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ReportError, match="no Journey-TRAK"):
+        journey_figure(tmp_path / "x.png", steps, checkpoint.training_data(), 12345)
 
 
 def test_denoised_target_noises_the_steps_x0_prediction_afresh(

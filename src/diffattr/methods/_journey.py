@@ -497,12 +497,15 @@ class StepScores:
             to the last.
         query_ids: (n_query,) the queries' sample ids.
         train_ids: (n_train,) the training images' sample ids.
+        denoised: (n_query, S, *x0 shape) the chain's prediction of x_0 at each step, in
+            diffusion space (a latent model's latents): the trajectory, to show it.
     """
 
     values: np.ndarray
     timesteps: np.ndarray
     query_ids: np.ndarray
     train_ids: np.ndarray
+    denoised: np.ndarray
 
     def save(self, directory: str | Path) -> Path:
         """Write ``steps.npz`` into ``directory`` (the method's scores folder)."""
@@ -515,6 +518,7 @@ class StepScores:
                 "timesteps": np.asarray(self.timesteps, dtype=np.int64),
                 "query_ids": np.asarray(self.query_ids, dtype=np.int64),
                 "train_ids": np.asarray(self.train_ids, dtype=np.int64),
+                "denoised": np.asarray(self.denoised, dtype=np.float32),
             },
         )
         return directory / STEPS_FILE
@@ -550,7 +554,7 @@ class JourneyTRAK(_KernelMethod):
         super().__init__(config)
         self._run_dir: Path | None = None
         self._steps: list[np.ndarray] = []
-        self._timesteps: np.ndarray | None = None
+        self._trajectory: tuple[np.ndarray, np.ndarray] | None = None
         #: The per-step scores of the last :meth:`score`.
         self.step_scores: StepScores | None = None
 
@@ -576,11 +580,12 @@ class JourneyTRAK(_KernelMethod):
 
     def score(self, query: Features | list[Features]) -> Scores:
         """Image-level scores (the mean over the steps); per-step ones in :attr:`step_scores`."""
-        self._steps, self._timesteps = [], None
+        self._steps, self._trajectory = [], None
         scores = super().score(query)
-        assert self._timesteps is not None
+        assert self._trajectory is not None
+        timesteps, denoised = self._trajectory
         self.step_scores = StepScores(
-            np.mean(self._steps, axis=0), self._timesteps, scores.query_ids, scores.train_ids
+            np.mean(self._steps, axis=0), timesteps, scores.query_ids, scores.train_ids, denoised
         )
         if self._run_dir is not None:
             self.step_scores.save(RunLayout(self._run_dir).scores(self.name))
@@ -602,7 +607,10 @@ class JourneyTRAK(_KernelMethod):
             out[:, start : start + len(block)] = solved @ block.reshape(len(block), -1).T
         per_step = _transform(out, self.config.transform).reshape(n_query, n_steps, -1)
         self._steps.append(per_step)
-        self._timesteps = np.asarray(query.array("timesteps"))
+        if self._trajectory is None:
+            # The first checkpoint's chain (an ensemble's checkpoints all regenerate the query).
+            arrays = (query.array("timesteps"), query.array("denoised"))
+            self._trajectory = (np.asarray(arrays[0]), np.asarray(arrays[1]))
         return per_step.mean(axis=1)
 
     def _extra_settings(self) -> dict[str, Any]:
