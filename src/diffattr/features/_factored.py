@@ -131,7 +131,7 @@ class FactoredGradientComputer(GradientComputer):
         if batch == 0:
             empty = self._empty(self.proj_dim)
             return FactoredBatch(empty.grads, empty.losses[:0], empty.losses, empty.residuals)
-        capture = _Capture(self, batch)
+        capture = self._capture(batch)
         handles = [
             self._modules[block.module].register_forward_hook(partial(capture.on_layer, block))
             for block in self.layout.blocks
@@ -163,6 +163,10 @@ class FactoredGradientComputer(GradientComputer):
         features, norms = capture.finish()
         return FactoredBatch(features, norms, losses, residuals)
 
+    def _capture(self, batch: int) -> _Capture:
+        """The hook state of one :meth:`compute_features` call (subclasses collect other sums)."""
+        return _Capture(self, batch)
+
     def _batched_output(self, sample_shape: tuple[int, ...]) -> Callable[..., Tensor]:
         if sample_shape not in self._output_fns:
             output_fn = OutputFunction(
@@ -181,11 +185,11 @@ class _Capture:
         self.row = 0
         self.work = computer._work_dtype
         r, like = computer.num_outputs, {"dtype": computer._work_dtype, "device": computer.device}
-        layout = computer.layout
-        self.blocks = {
-            b.module: torch.zeros((batch, r, b.k_out, b.k_in), **like) for b in layout.blocks
-        }
-        self.rest = [torch.zeros((batch, r, rest.numel), **like) for rest in layout.rest]
+        self._like = like
+        # Made when a layer's gradient arrives (see _block): subclasses that sum something else
+        # never hold B x r x k features.
+        self.blocks: dict[str, Tensor] = {}
+        self.rest = [torch.zeros((batch, r, rest.numel), **like) for rest in computer.layout.rest]
         self.square_norms = torch.zeros((batch,), **like)
         self.layer_inputs: dict[str, Tensor] = {}
         self.patches: dict[str, Tensor] = {}
@@ -222,27 +226,44 @@ class _Capture:
         self.layer_inputs[block.module] = a
         return self._trace(block.module, output, partial(self.on_layer_grad, block, module))
 
-    def on_layer_grad(self, block: LayerBlock, module: nn.Module, grad: Tensor) -> None:
+    def _block(self, block: LayerBlock) -> Tensor:
+        """The layer's (B, r, k_out, k_in) features, zero until its backward hook adds to them."""
+        if block.module not in self.blocks:
+            shape = (self.batch, self.computer.num_outputs, block.k_out, block.k_in)
+            self.blocks[block.module] = torch.zeros(shape, **self._like)
+        return self.blocks[block.module]
+
+    def _target(self, block: LayerBlock) -> Tensor:
+        """Where the projected gradient of the current output row goes: (B, k_out, k_in)."""
+        return self._block(block)[:, self.row]
+
+    def delta(self, block: LayerBlock, grad: Tensor) -> Tensor:
+        """The output gradient per position, (B, d_out, P), in the working dtype."""
         # Channels first, positions last: (B, d_out, P) and (B, d_in, P). A conv's gradient and
         # unfolded input come this way; a Linear's are transposed views. No copies either way.
         grad = grad.to(self.work)
         if block.kind == "linear":
-            delta = grad.reshape(self.batch, -1, block.d_out).transpose(1, 2)
-        else:
-            delta = grad.flatten(2)
+            return grad.reshape(self.batch, -1, block.d_out).transpose(1, 2)
+        return grad.flatten(2)
+
+    def on_layer_grad(self, block: LayerBlock, module: nn.Module, grad: Tensor) -> None:
+        grad = grad.to(self.work)
+        delta = self.delta(block, grad)
         has_bias = block.bias is not None
         weight_cols = block.d_in - has_bias
         delta_sum = delta.sum(dim=2) if has_bias else None  # the bias gradient
         p_out, p_in = self.computer.projector.factors(block, self.work, grad.device)
-        target = self.blocks[block.module][:, self.row]
-        if explicit_is_cheaper(block, delta.shape[2]):
+        # A side kept whole needs no product; data-dependent factors are never the identity.
+        whole_out, whole_in = self.computer.projector.whole_sides(block)
+        target = self._target(block)
+        if explicit_is_cheaper(block, delta.shape[2], whole=(whole_out, whole_in)):
             # The layer's exact per-sample gradient (B, d_out, d_in), projected afterwards.
             weight_grad = self._weight_gradient(block, module, grad, delta)
             self.square_norms += weight_grad.square().sum(dim=(1, 2))
             if delta_sum is not None:
                 self.square_norms += delta_sum.square().sum(dim=1)
-            project_out = block.k_out < block.d_out
-            if block.k_in < block.d_in:
+            project_out = not whole_out
+            if not whole_in:
                 weight_grad = weight_grad @ p_in[:weight_cols]
                 if delta_sum is not None:
                     weight_grad += delta_sum[:, :, None] * p_in[weight_cols]
@@ -253,7 +274,7 @@ class _Capture:
             if delta_sum is not None:
                 target[:, :, weight_cols] += delta_sum @ p_out if project_out else delta_sum
             return
-        inputs = self._inputs(block, module)
+        inputs = self.inputs(block, module)
         projected_in = p_in[:weight_cols].T @ inputs  # (B, k_in, P)
         projected_out = p_out.T @ delta  # (B, k_out, P)
         target += projected_out @ projected_in.transpose(1, 2)
@@ -271,7 +292,7 @@ class _Capture:
     ) -> Tensor:
         """Each sample's weight gradient (B, d_out, d_in without the bias)."""
         if block.kind == "linear":
-            return delta @ self._inputs(block, module).transpose(1, 2)
+            return delta @ self.inputs(block, module).transpose(1, 2)
         # A convolution's weight gradient with the batch as groups: per-sample gradients from
         # the convolution backward kernel, faster than unfolding patches for a matmul.
         assert isinstance(module, nn.Conv2d)
@@ -297,7 +318,7 @@ class _Capture:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         return F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
 
-    def _inputs(self, block: LayerBlock, module: nn.Module) -> Tensor:
+    def inputs(self, block: LayerBlock, module: nn.Module) -> Tensor:
         """The layer's inputs per position, (B, d_in without the bias, P)."""
         if block.module in self.patches:
             return self.patches[block.module]
@@ -341,7 +362,7 @@ class _Capture:
     def finish(self) -> tuple[Tensor, Tensor]:
         """Return (features (B, r, k), exact gradient norms (B,))."""
         r = self.computer.num_outputs
-        parts = [self.blocks[block.module].flatten(2) for block in self.computer.layout.blocks]
+        parts = [self._block(block).flatten(2) for block in self.computer.layout.blocks]
         if self.rest:
             rest = torch.cat(self.rest, dim=2)
             self.square_norms += rest.square().sum(dim=(1, 2))
@@ -352,17 +373,26 @@ class _Capture:
         return features.reshape(self.batch, r, -1), self.square_norms.sqrt()
 
 
-def explicit_is_cheaper(block: LayerBlock, positions: int) -> bool:
+def explicit_is_cheaper(
+    block: LayerBlock, positions: int, *, whole: tuple[bool, bool] | None = None
+) -> bool:
     """Whether forming the layer's gradient costs fewer multiplies than the factored way.
 
     Explicit: P d_out d_in for the gradient (which gives the norm too), then the factors.
     Factored: P (d_in k_in + d_out k_out + k_out k_in) for the features plus the ghost norm,
     P^2 (d_in + d_out). Both per sample.
+
+    Args:
+        block: The layer.
+        positions: P.
+        whole: Whether the (output, input) side is kept whole, i.e. its factor is the identity
+            and costs nothing; by default, where k equals d (random factors).
     """
     d_in, d_out, k_in, k_out = block.d_in, block.d_out, block.k_in, block.k_out
+    whole_out, whole_in = (k_out == d_out, k_in == d_in) if whole is None else whole
     explicit = positions * d_out * d_in
-    explicit += d_out * d_in * k_in if k_in < d_in else 0
-    explicit += k_out * d_out * k_in if k_out < d_out else 0
+    explicit += d_out * d_in * k_in if not whole_in else 0
+    explicit += k_out * d_out * k_in if not whole_out else 0
     factored = positions * (d_in * k_in + d_out * k_out + k_out * k_in)
     factored += positions * positions * (d_in + d_out)
     return explicit <= factored

@@ -358,7 +358,7 @@ class KroneckerProjector(Projector):
             rest = torch.cat(
                 [grads[:, slice(*self._offsets[r.name])] for r in self.layout.rest], dim=1
             )
-            parts.append(self._rest.project(rest))
+            parts.append(self.project_rest(rest))
         return self.project_final(torch.cat(parts, dim=1))
 
     def factors(
@@ -372,6 +372,10 @@ class KroneckerProjector(Projector):
         if key not in self._factors:
             self._factors[key] = self.layout.factors(block, dtype=dtype, device=device)
         return self._factors[key]
+
+    def whole_sides(self, block: LayerBlock) -> tuple[bool, bool]:
+        """Whether ``block``'s (output, input) factor is the identity, so that it can be skipped."""
+        return block.k_out == block.d_out, block.k_in == block.d_in
 
     def project_final(self, factored: Tensor) -> Tensor:
         """Map (B, factored_dim) factored features to (B, k) (unchanged without a final stage)."""
