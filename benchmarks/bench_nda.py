@@ -1,29 +1,42 @@
-"""NDA cost: the fast implementation against a conv-free one and the unoptimised formulation.
+"""NDA cost: the fast implementation against two reference formulations, and at N = 50,000.
 
 Run: ``.venv/bin/python benchmarks/bench_nda.py [--sizes 8 16] [--queries 4 1] [--top-k 100 0]
-[--device cpu]`` (about 2 minutes on 2 CPU cores).
+[--threads 0] [--device cpu] [--out benchmarks/results/nda.json]`` (a few minutes on 2 CPU cores),
+and ``... bench_nda.py --scale [--scale-n 250 500 1000 2000] [--target-n 50000]`` for the
+32x32 RGB row.
 
 On the digits (the first 1617 images as the training set, the next ones as queries), at each
 image size and top-K (0: all positions; a top-K >= H W is the same and is skipped) it times
-three implementations of the same scores (otherwise ``NDAConfig()`` defaults: k = 3, both
-scales, 5 timesteps, float32 unless ``--dtype``), each in a fresh subprocess:
+the same scores three ways (otherwise ``NDAConfig()`` defaults: k = 3, both scales, 5
+timesteps, float32 unless ``--dtype``), each in a fresh subprocess:
 
-- ``fast``: :func:`diffattr.methods._nda._nda_tau`: cross terms by conv2d with the query patches
-  as kernels, key norms by a box filter once per timestep for every query, the coarse scale on
-  the four 2x2-pooled phases with k x k kernels, queries batched, chunks near cache size.
-- ``naive``: no convolution: every k x k (and projected 2k x 2k) patch unfolded, per query a full
-  P x (N Q) distance matrix with ``torch.cdist`` (direct differences, no norm expansion), in
-  chunks of the same size.
-- ``unoptimised``: the expansion and conv2d, but one query at a time, the key norms recomputed
-  for every query, and the coarse scale as one conv with 2k x 2k kernels (the projected patch
-  lifted back, ``P^T P a``) on the unpooled images: four times the multiply-adds.
+- ``fast``: :func:`diffattr.methods._nda._nda_tau`: cross terms and norm term in one GEMM
+  with the query patches (conv2d off the CPU), key norms by a box filter once per timestep for
+  every query, the coarse scale on the four 2x2-pooled phases with k x k kernels, the top-K
+  sums from rows sorted by numpy (no ``torch.topk``), cache-sized tiles shared out to
+  ``--threads`` worker threads.
+- ``naive`` (a reference): no convolution: every k x k (and projected 2k x 2k) patch unfolded,
+  per query a full P x (N Q) distance matrix with ``torch.cdist`` (direct differences, no norm
+  expansion), in chunks.
+- ``unoptimised`` (a reference): the norm expansion with conv2d, but one query at a time, the
+  key norms recomputed for every query, and the coarse scale as one conv with 2k x 2k kernels
+  (the projected patch lifted back, ``P^T P a``) on the unpooled images: four times the
+  multiply-adds.
 
-All three share the chunked log-sum-exp / top-K accumulation, so the table isolates how the
-distances are formed. It prints seconds per query, the peak memory growth of the run (RSS, from
-``getrusage`` in the subprocess, over its level after loading the data; on CUDA the peak of
-``torch.cuda.max_memory_allocated``) and the largest difference of each variant's scores from
-the fast one, relative to the largest score. Each variant first runs once on a small problem
-(one query, one timestep, 128 training images) so that one-off start-up costs are not timed.
+The two references share one accumulation, the one the fast path used before: per chunk of
+images (sized to 16 MB of logits), a log-sum-exp per (query patch, image) and ``torch.topk``
+for the top-K. They use torch's intra-op threads (``--threads``). The table gives seconds per
+query, the peak memory growth of the run (RSS, from ``getrusage`` in the subprocess, over its
+level after loading the data; on CUDA the peak of ``torch.cuda.max_memory_allocated``), the
+largest difference of each variant's scores from the fast one relative to the largest score,
+and ``speedup_vs_reference``: a reference's seconds over the fast path's in the same run (on the
+fast row: against the faster reference). Each variant first runs once on a small problem (one
+query, one timestep, 128 training images) so that one-off start-up costs are not timed.
+
+``--scale`` times the fast path for one query against N random 32x32 RGB training images for
+each N in ``--scale-n`` (fresh subprocesses), fits seconds = a + b N, reports how far each
+measurement is from the fit (linearity) and the fit at ``--target-n``, next to the estimate of
+:func:`diffattr.methods._nda.estimate_nda` (what ``diffattr plan --method nda`` prints).
 """
 
 from __future__ import annotations
@@ -36,6 +49,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,21 +60,40 @@ import torch.nn.functional as F  # noqa: N812
 
 from diffattr._device import resolve_device
 from diffattr.data import ImageDataset, load_digits
+from diffattr.methods import _nda
 from diffattr.methods._nda import (
     NDAConfig,
     _alphas_cumprod,
-    _logsumexp_,
+    _exp_floor,
     _nda_tau,
     _noised,
-    _plan,
     _scales,
+    estimate_nda,
 )
 
 N_TRAIN = 1617
-VARIANTS = ("fast", "naive", "unoptimised")
+VARIANTS = ("fast", "fast-intra-op", "naive", "unoptimised")
+REFERENCES = ("naive", "unoptimised")
+
+#: Logits per chunk of the references: the block the fast path used before its tiles.
+REFERENCE_BLOCK_MB = 16
 
 
-# ------------------------------------------------------------------------------ shared parts
+# ------------------------------------------------------------------------------ references
+
+
+def _logsumexp_(values: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over the last dimension, in place, exp floored off its subnormal path."""
+    peak = values.amax(dim=-1, keepdim=True)
+    values.sub_(peak).clamp_(min=_exp_floor(values.dtype)).exp_()
+    return values.sum(dim=-1).log_().add_(peak.squeeze(-1))
+
+
+def _reference_chunk(config: NDAConfig, shape: tuple[int, ...]) -> int:
+    """Training images per chunk of the references: their (P, Q) logits within the block."""
+    positions = shape[-2] * shape[-1]
+    itemsize = 4 if config.dtype == "float32" else 8
+    return max(1, (REFERENCE_BLOCK_MB << 20) // (positions * positions * 2 * itemsize))
 
 
 class _Accumulator:
@@ -116,7 +150,7 @@ def naive_tau(
     train_images = train.images.to(device, dtype)
     shape = tuple(train.images.shape[1:])
     positions = shape[1] * shape[2]
-    _, chunk = _plan(config, 1, len(train), shape, 2, device)
+    chunk = _reference_chunk(config, shape)
     tau = torch.zeros((len(queries), len(train)), dtype=torch.float64)
     unfold = {"fine": _fine_patches, "coarse": _coarse_patches}
     for t, abar in zip(config.timesteps, _alphas_cumprod(config, None), strict=True):
@@ -155,7 +189,7 @@ def unoptimised_tau(
     train_images = train.images.to(device, dtype)
     channels, height, width = train.images.shape[1:]
     positions = height * width
-    _, chunk = _plan(config, 1, len(train), (channels, height, width), 2, device)
+    chunk = _reference_chunk(config, (channels, height, width))
     tau = torch.zeros((len(queries), len(train)), dtype=torch.float64)
     ones = torch.ones((1, channels, k, k), dtype=dtype, device=device)
     for t, abar in zip(config.timesteps, _alphas_cumprod(config, None), strict=True):
@@ -197,6 +231,28 @@ def unoptimised_tau(
     return (tau / (len(config.timesteps) * config.noise_draws)).numpy()
 
 
+# ------------------------------------------------------------------------------ threads knob
+
+
+@contextmanager
+def _intra_op_threads(device: torch.device) -> Iterator[int]:
+    """Stands in for ``_nda._cpu_workers``: one worker, torch's intra-op threads left on."""
+    del device
+    yield 1
+
+
+def _intra_op_tau(
+    queries: ImageDataset, train: ImageDataset, config: NDAConfig, device: torch.device
+) -> np.ndarray:
+    """The fast path with its threads spent inside each op instead of on whole tiles."""
+    workers = _nda._cpu_workers
+    _nda._cpu_workers = _intra_op_threads
+    try:
+        return _nda_tau(queries, train, config, device=device)[0]
+    finally:
+        _nda._cpu_workers = workers
+
+
 # ------------------------------------------------------------------------------ driver
 
 
@@ -206,17 +262,39 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _random_images(n: int, shape: tuple[int, ...], seed: int, first_id: int) -> ImageDataset:
+    """Uniform images in [-1, 1] (the timing does not depend on the pixels)."""
+    draw = torch.Generator().manual_seed(seed)
+    images = torch.rand((n, *shape), generator=draw) * 2 - 1
+    return ImageDataset(images=images, ids=first_id + np.arange(n), name=f"random{seed}")
+
+
+def _data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset]:
+    """(training images, queries): the digits, or random 32x32 RGB images for ``--scale``."""
+    if args.n_train:
+        shape = (3, SCALE_SIZE, SCALE_SIZE)
+        return _random_images(args.n_train, shape, 0, 0), _random_images(1, shape, 1, 10**9)
+    digits = load_digits(None if args.size == 8 else args.size)
+    train = digits.select(np.arange(N_TRAIN))
+    return train, digits.select(np.arange(N_TRAIN, N_TRAIN + args.queries))
+
+
 def _worker(args: argparse.Namespace) -> None:
-    """One variant at one size in this (fresh) process; writes scores and a JSON line."""
+    """One variant on one case in this (fresh) process; writes scores and a JSON line."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    digits = load_digits(None if args.size == 8 else args.size)
-    train = digits.select(np.arange(N_TRAIN))
-    queries = digits.select(np.arange(N_TRAIN, N_TRAIN + args.queries))
+    train, queries = _data(args)
     config = NDAConfig(dtype=args.dtype, top_k=args.top_k or None)
     runs = {
         "fast": lambda q, n, c: _nda_tau(q, n, c, device=device)[0],
+        "fast-intra-op": lambda q, n, c: _intra_op_tau(q, n, c, device),
         "naive": lambda q, n, c: naive_tau(q, n, c, device),
         "unoptimised": lambda q, n, c: unoptimised_tau(q, n, c, device),
     }
@@ -228,40 +306,43 @@ def _worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     before = _peak_bytes(device) if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    cpu_before = _cpu_seconds()
     began = time.perf_counter()
     scores = runs[args.worker](queries, train, config)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
+    cpu_seconds = _cpu_seconds() - cpu_before
     np.save(args.scores, scores)
     record = {
         "variant": args.worker,
-        "size": args.size,
-        "queries": args.queries,
-        "s_per_query": seconds / args.queries,
+        "size": args.size or SCALE_SIZE,
+        "n_train": len(train),
+        "queries": len(queries),
+        "s_per_query": seconds / len(queries),
+        "cpu_s_per_query": cpu_seconds / len(queries),
         "peak_mb": (_peak_bytes(device) - before) / 2**20,
         "device": str(device),
-        "threads": torch.get_num_threads(),
+        "threads": args.threads or torch.get_num_threads(),
     }
     print(json.dumps(record))
 
 
-def _spawn(args: argparse.Namespace, variant: str, case: tuple[int, int, int], path: Path) -> dict:
-    size, top_k, queries = case
+def _spawn(args: argparse.Namespace, variant: str, case: dict[str, int], path: Path) -> dict:
     command = [
         sys.executable,
         __file__,
-        *("--worker", variant, "--size", str(size), "--queries", str(queries)),
-        *("--scores", str(path), "--device", args.device, "--threads", str(args.threads)),
-        *("--dtype", args.dtype, "--top-k", str(top_k)),
+        *("--worker", variant, "--scores", str(path), "--device", args.device),
+        *("--threads", str(args.threads), "--dtype", args.dtype),
+        *(f"--{name.replace('_', '-')}={value}" for name, value in case.items()),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{variant} at {size}x{size} failed:\n{done.stderr}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "top_k": top_k}
+        raise RuntimeError(f"{variant} on {case} failed:\n{done.stderr}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "top_k": case["top_k"]}
 
 
-def _cases(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+def _cases(args: argparse.Namespace) -> list[dict[str, int]]:
     """(size, top-K with 0 for all, queries), skipping a top-K >= H W (the same as all)."""
     counts = args.queries + [args.queries[-1]] * (len(args.sizes) - len(args.queries))
     cases = []
@@ -269,8 +350,128 @@ def _cases(args: argparse.Namespace) -> list[tuple[int, int, int]]:
         effective = sorted(
             {0 if k == 0 or k >= size * size else k for k in args.top_k}, reverse=True
         )
-        cases += [(size, k, count) for k in effective]
+        cases += [{"size": size, "top_k": k, "queries": count} for k in effective]
     return cases
+
+
+def _compare(args: argparse.Namespace) -> list[dict]:
+    """Every variant on every case; differences and times against the fast path."""
+    # With one thread the intra-op variant is the fast path itself.
+    variants = [v for v in args.variants if not (v == "fast-intra-op" and args.threads == 1)]
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in _cases(args):
+            rows, scores = {}, {}
+            for variant in variants:
+                path = Path(tmp) / f"{variant}.npy"
+                rows[variant] = _spawn(args, variant, case, path)
+                scores[variant] = np.load(path)
+            fast = rows.get("fast")
+            for variant, row in rows.items():
+                if fast is not None:
+                    diff = np.abs(scores[variant] - scores["fast"]).max()
+                    row["max_rel_diff"] = float(diff / np.abs(scores["fast"]).max())
+                    row["time_vs_fast"] = row["s_per_query"] / fast["s_per_query"]
+                    row["cpu_time_vs_fast"] = row["cpu_s_per_query"] / fast["cpu_s_per_query"]
+                if fast is not None and variant in REFERENCES:
+                    row["speedup_vs_reference"] = row["time_vs_fast"]
+                    row["cpu_speedup_vs_reference"] = row["cpu_time_vs_fast"]
+            references = [rows[v] for v in REFERENCES if v in rows]
+            if fast is not None and references:
+                fast["speedup_vs_reference"] = min(r["time_vs_fast"] for r in references)
+                fast["cpu_speedup_vs_reference"] = min(r["cpu_time_vs_fast"] for r in references)
+            table += rows.values()
+    return table
+
+
+def _with_threads(args: argparse.Namespace, threads: int) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "threads": threads})
+
+
+def _print_compare(args: argparse.Namespace, table: list[dict]) -> None:
+    print(
+        f"digits, {N_TRAIN} training images, NDAConfig(dtype={args.dtype!r}) otherwise default "
+        f"(k = 3, both scales, 5 timesteps); device {table[0]['device']}, "
+        f"threads {table[0]['threads']}"
+    )
+    print(
+        f"{'size':>6s} {'top-K':>5s} {'variant':14s} {'queries':>7s} {'s/query':>9s} "
+        f"{'CPU s/query':>11s} {'peak MB':>8s} {'max rel diff':>12s} {'speedup vs ref':>15s}"
+    )
+    for row in table:
+        top_k = str(row["top_k"] or "all")
+        speedup = row.get("speedup_vs_reference")
+        both = "" if speedup is None else f"{speedup:.1f}x ({row['cpu_speedup_vs_reference']:.1f}x)"
+        print(
+            f"{row['size']:>3d}x{row['size']:<2d} {top_k:>5s} {row['variant']:14s} "
+            f"{row['queries']:7d} {row['s_per_query']:9.3f} {row['cpu_s_per_query']:11.3f} "
+            f"{row['peak_mb']:8.1f} {row.get('max_rel_diff', math.nan):12.2e} {both:>15s}"
+        )
+    print(
+        "max rel diff: from the fast path's scores, relative to the largest score; speedup vs "
+        "ref: a reference's seconds over the fast path's, wall (CPU); on the fast row, against "
+        "the faster reference"
+    )
+
+
+#: Side of the random RGB images of ``--scale``.
+SCALE_SIZE = 32
+
+
+def _scale(args: argparse.Namespace) -> dict:
+    """The fast path for one query against N random 32x32 RGB images, N in ``--scale-n``."""
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.scale_n:
+            case = {"n_train": n, "top_k": args.top_k[0], "queries": 1}
+            points.append(_spawn(args, "fast", case, Path(tmp) / "fast.npy"))
+    n = np.array([p["n_train"] for p in points], dtype=float)
+    fits = {}
+    for key in ("s_per_query", "cpu_s_per_query"):
+        slope, intercept = np.polyfit(n, [p[key] for p in points], 1)
+        fits[key] = {"per_image": float(slope), "fixed": float(intercept)}
+        for point in points:
+            point[f"{key}_off_fit"] = float(point[key] / (intercept + slope * point["n_train"]) - 1)
+    config = NDAConfig(dtype=args.dtype, top_k=args.top_k[0] or None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    estimate = estimate_nda(
+        args.target_n, (3, SCALE_SIZE, SCALE_SIZE), config, device=resolve_device(args.device)
+    )
+    return {
+        "points": points,
+        "fits": fits,
+        "target_n": args.target_n,
+        "extrapolated": {
+            key: fit["fixed"] + fit["per_image"] * args.target_n for key, fit in fits.items()
+        },
+        "planner": estimate.to_dict(),
+    }
+
+
+def _print_scale(result: dict) -> None:
+    points = result["points"]
+    print(
+        f"random {SCALE_SIZE}x{SCALE_SIZE} RGB training images, one query, NDAConfig() defaults "
+        f"(top-K {points[0]['top_k'] or 'all'}); device {points[0]['device']}, "
+        f"threads {points[0]['threads']}"
+    )
+    print(
+        f"{'N':>7s} {'s/query':>9s} {'off fit':>8s} {'CPU s/query':>12s} {'off fit':>8s} "
+        f"{'CPU s per 1k images':>20s} {'peak MB':>8s}"
+    )
+    for p in points:
+        print(
+            f"{p['n_train']:7d} {p['s_per_query']:9.2f} {p['s_per_query_off_fit']:+8.1%} "
+            f"{p['cpu_s_per_query']:12.2f} {p['cpu_s_per_query_off_fit']:+8.1%} "
+            f"{1000 * p['cpu_s_per_query'] / p['n_train']:20.3f} {p['peak_mb']:8.1f}"
+        )
+    plan, at = result["planner"], result["extrapolated"]
+    print(
+        f"N = {result['target_n']:,}, linear fit: {at['s_per_query']:.0f} s per query "
+        f"({at['cpu_s_per_query']:.0f} CPU s); the planner's probe: "
+        f"{plan['seconds_per_query']:.0f} s per query, {plan['peak_memory_bytes'] / 1e9:.2f} GB"
+    )
 
 
 def main() -> None:
@@ -284,48 +485,43 @@ def main() -> None:
     parser.add_argument(
         "--top-k", type=int, nargs="+", default=[100, 0], help="top-K values (0: all positions)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="torch threads, one table each (0: torch's default)",
+    )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scale", action="store_true", help="the N scaling run (32x32 RGB)")
+    parser.add_argument(
+        "--scale-n", type=int, nargs="+", default=[250, 500, 1000, 2000], help="N measured"
+    )
+    parser.add_argument("--target-n", type=int, default=50_000, help="N extrapolated to")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--n-train", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--scores", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        args.queries, args.top_k = args.queries[0], args.top_k[0]
+        args.queries, args.top_k, args.threads = args.queries[0], args.top_k[0], args.threads[0]
         _worker(args)
         return
-    table = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for case in _cases(args):
-            fast = None
-            for variant in args.variants:
-                path = Path(tmp) / f"{variant}.npy"
-                row = _spawn(args, variant, case, path)
-                scores = np.load(path)
-                fast = scores if fast is None else fast
-                row["max_rel_diff"] = float(np.abs(scores - fast).max() / np.abs(fast).max())
-                table.append(row)
-    print(
-        f"digits, {N_TRAIN} training images, NDAConfig(dtype={args.dtype!r}) otherwise default "
-        f"(k = 3, both scales, 5 timesteps); device {table[0]['device']}, "
-        f"threads {table[0]['threads']}"
-    )
-    print(
-        f"{'size':>6s} {'top-K':>5s} {'variant':12s} {'queries':>7s} {'s/query':>9s} "
-        f"{'peak MB':>9s} {'max rel diff vs ' + args.variants[0]:>24s}"
-    )
-    for row in table:
-        top_k = str(row["top_k"] or "all")
-        print(
-            f"{row['size']:>3d}x{row['size']:<2d} {top_k:>5s} {row['variant']:12s} "
-            f"{row['queries']:7d} {row['s_per_query']:9.3f} {row['peak_mb']:9.1f} "
-            f"{row['max_rel_diff']:24.2e}"
-        )
+    if args.scale:
+        args.threads = args.threads[0]
+        result = _scale(args)
+        _print_scale(result)
+    else:
+        result = {"rows": []}
+        for threads in args.threads:
+            rows = _compare(_with_threads(args, threads))
+            _print_compare(args, rows)
+            result["rows"] += rows
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"rows": table, "args": vars(args)}, indent=2) + "\n")
+        out.write_text(json.dumps({**result, "args": vars(args)}, indent=2) + "\n")
         print(f"wrote {out}")
 
 

@@ -1,4 +1,6 @@
-"""NDA against a brute-force reference written straight from the definition (METHODS.md 5).
+"""NDA against a brute-force reference written straight from the definition.
+
+The definition: docs/methods.md, section "NDA: attribution without the model".
 
 The reference extracts every patch with explicit loops over positions from numpy-padded images,
 forms all squared distances by subtraction, takes one softmax per query patch over every
@@ -21,7 +23,16 @@ from diffattr._seed import generator
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, DataError
 from diffattr.methods import _nda as nda
-from diffattr.methods._nda import NDAConfig, _nda_tau, _plan, nda_heatmaps, nda_scores, save_heatmap
+from diffattr.methods._nda import (
+    NDAConfig,
+    _keys,
+    _nda_tau,
+    _plan,
+    estimate_nda,
+    nda_heatmaps,
+    nda_scores,
+    save_heatmap,
+)
 from diffattr.models import default_scheduler_config
 
 ABAR = DDPMScheduler.from_config(default_scheduler_config()).alphas_cumprod.double().numpy()
@@ -126,7 +137,14 @@ CASES = {
     "patch 1": ({"patch_size": 1, "top_k": 3}, {}),
     "patch 5": ({"patch_size": 5, "top_k": 8, "mask_value": 3.0}, {"chunk": 3}),
     "odd sizes": ({"top_k": 4, "seed": 7}, {"shape": (1, 5, 7), "batch": 2}),
+    "top-k = H*W - 1": ({"top_k": 35}, {}),
+    "top-k = H*W": ({"top_k": 36}, {}),
+    "row tiles": ({"top_k": 5}, {"tile_rows": 7, "chunk": 2, "batch": 2}),
+    "two workers": ({"top_k": 5}, {"workers": 2, "chunk": 1}),
+    "columns per chunk": ({"top_k": 5, "alpha": 0.4}, {"keep_columns": False, "chunk": 2}),
 }
+
+LAYOUT = ("batch", "chunk", "tile_rows", "workers", "keep_columns")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -135,18 +153,73 @@ def test_matches_brute_force_reference(case: str) -> None:
     shape = options.get("shape", (1, 6, 6))
     config = NDAConfig(dtype="float64", timesteps=settings.pop("timesteps", (200,)), **settings)
     train, queries = make(5, 0, first_id=4, shape=shape), make(2, 1, first_id=100, shape=shape)
-    fast, abars = _nda_tau(
-        queries, train, config, chunk=options.get("chunk"), batch=options.get("batch")
-    )
+    fast, abars = _nda_tau(queries, train, config, **{k: options.get(k) for k in LAYOUT})
     ref, _ = reference(queries, train, config)
     assert rel_error(fast, ref) < 1e-6
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-12 * ref.max())
     assert abars == [float(ABAR[t]) for t in config.timesteps]
+
+
+@pytest.mark.parametrize("case", ["top-k < H*W", "row tiles", "timesteps and draws"])
+def test_partition_path_matches_brute_force_reference(case: str, monkeypatch) -> None:
+    """Rows longer than _SORT_MAX_POSITIONS are partitioned instead of sorted."""
+    monkeypatch.setattr(nda, "_SORT_MAX_POSITIONS", 0)
+    test_matches_brute_force_reference(case)
+
+
+@pytest.mark.parametrize("case", ["top-k < H*W", "patch 5", "three channels"])
+def test_torch_sort_path_matches_brute_force_reference(case: str, monkeypatch) -> None:
+    """torch.sort (used where numpy cannot sort in place, e.g. CUDA), run here on the CPU."""
+    monkeypatch.setattr(nda, "_NUMPY_SORT_DEVICE_TYPES", ())
+    test_matches_brute_force_reference(case)
+
+
+@pytest.mark.parametrize("sorter", ["sort", "partition", "torch"])
+@pytest.mark.parametrize("top_k", [3, 10, 30])
+def test_ties_at_the_top_k_boundary(sorter: str, top_k: int, monkeypatch) -> None:
+    """Flat regions give equal patches, so equal logits straddle the K-th largest (checked:
+    4 equal fine-scale logits at K = 3 and K = 30, some inside the top-K and some not)."""
+    if sorter == "partition":
+        monkeypatch.setattr(nda, "_SORT_MAX_POSITIONS", 0)
+    if sorter == "torch":
+        monkeypatch.setattr(nda, "_NUMPY_SORT_DEVICE_TYPES", ())
+    train = make(4, 0, first_id=0)
+    train.images[:, :, 1:5, 1:5] = -1.0  # a flat 4x4 block in every image
+    train.images[2] = 0.5  # a flat image: its 16 interior patches are equal
+    queries = make(2, 1, first_id=20)
+    config = NDAConfig(dtype="float64", top_k=top_k, timesteps=(20, 600))
+    fast, _ = _nda_tau(queries, train, config)
+    ref, _ = reference(queries, train, config)
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-12 * ref.max())
+
+
+def test_workers_do_not_change_the_scores() -> None:
+    train, queries = make(9, 0, first_id=0, shape=(1, 7, 7)), make(3, 1, 20, shape=(1, 7, 7))
+    config = NDAConfig(top_k=6, timesteps=(100, 400))
+    alone, _ = _nda_tau(queries, train, config, chunk=1, workers=1)
+    shared, _ = _nda_tau(queries, train, config, chunk=1, workers=3)
+    np.testing.assert_array_equal(shared, alone)
+
+
+def test_torch_threads_are_restored() -> None:
+    before = torch.get_num_threads()
+    train, queries = make(3, 0, first_id=0), make(1, 1, first_id=20)
+    _nda_tau(queries, train, NDAConfig(timesteps=(100,)), workers=2, chunk=1)
+    nda_heatmaps(queries, train, 20, 0, NDAConfig(timesteps=(100,)))
+    assert torch.get_num_threads() == before
+
+
+def test_progress_counts_queries(capsys: pytest.CaptureFixture[str]) -> None:
+    train, queries = make(3, 0, first_id=0), make(2, 1, first_id=20)
+    nda_scores(queries, train, NDAConfig(timesteps=(100, 200)), progress=True)
+    assert "2.0/2 queries" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["two scales", "top-k < H*W", "three channels", "odd sizes"])
 def test_conv2d_path_matches_brute_force_reference(case: str, monkeypatch) -> None:
-    """The conv2d cross terms (used off the CPU) against the reference, run here on the CPU."""
+    """The CUDA path (conv2d cross terms, torch.sort) against the reference, run on the CPU."""
     monkeypatch.setattr(nda, "_GEMM_DEVICE_TYPES", ())
+    monkeypatch.setattr(nda, "_NUMPY_SORT_DEVICE_TYPES", ())
     test_matches_brute_force_reference(case)
 
 
@@ -170,7 +243,7 @@ def test_cuda_matches_cpu(dtype: str) -> None:
 def test_public_scores_chunk_within_a_tiny_memory_budget() -> None:
     train, queries = make(6, 0, 0, (1, 12, 12)), make(2, 1, 50, (1, 12, 12))
     config = NDAConfig(dtype="float64", top_k=5, max_memory_mb=1)
-    _, chunk = _plan(config, 2, len(train), (1, 12, 12), 2, torch.device("cpu"))
+    chunk = _plan(config, 2, len(train), (1, 12, 12), torch.device("cpu")).chunk
     assert chunk < len(train)  # the budget forces several chunks
     scores = nda_scores(queries, train, config, progress=False)
     ref, _ = reference(queries, train, config)
@@ -260,16 +333,12 @@ def test_heatmaps_match_the_reference(top_k: int | None) -> None:
 
 
 def test_heatmaps_use_the_global_normaliser_when_chunked() -> None:
-    train, queries = make(5, 0, 0, (1, 12, 12)), make(1, 1, 20, (1, 12, 12))
-    tiny = NDAConfig(dtype="float64", top_k=5, max_memory_mb=1)
-    roomy = NDAConfig(dtype="float64", top_k=5)
-    assert _plan(tiny, 1, 5, (1, 12, 12), 1, torch.device("cpu"))[1] < 5
-    chunked, whole = (
-        nda_heatmaps(queries, train, 20, 12, tiny),
-        nda_heatmaps(queries, train, 20, 12, roomy),
-    )
-    for got, want in zip(chunked, whole, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-10)
+    train, queries = make(8, 0, 0, (1, 12, 12)), make(1, 1, 20, (1, 12, 12))
+    tiny = NDAConfig(dtype="float64", top_k=5, max_memory_mb=1, timesteps=(300,))
+    assert _plan(tiny, 1, 8, (1, 12, 12), torch.device("cpu")).chunk < 8
+    _, maps = reference(queries, train, tiny)
+    for got, want in zip(nda_heatmaps(queries, train, 20, 12, tiny), maps[0], strict=True):
+        assert rel_error(got.reshape(-1), want[4]) < 1e-6
 
 
 def test_save_heatmap_writes_a_png(tmp_path) -> None:
@@ -293,6 +362,38 @@ def test_heatmaps_reject_unknown_ids() -> None:
         nda_heatmaps(queries, train, 21, 0, NDAConfig())
     with pytest.raises(DataError, match="training id 1"):
         nda_heatmaps(queries, train, 20, 1, NDAConfig())
+
+
+# ------------------------------------------------------------------------------ estimate
+
+
+@pytest.mark.parametrize("budget", [4096, 1])
+def test_estimate_counts_the_keys_as_built(budget: int) -> None:
+    """A small budget leaves the key columns to each chunk: they then count in the tiles."""
+    config = NDAConfig(top_k=10, max_memory_mb=budget)
+    estimate = estimate_nda(20_000, (3, 8, 8), config, n_queries=4, repeats=1)
+    layout = _plan(config, 4, 20_000, (3, 8, 8), torch.device("cpu"), estimate.workers)
+    assert layout.keep_columns == (budget == 4096)
+    scaled = torch.zeros((20_000, 3, 8, 8))
+    built = scaled.numel()
+    for scale in ("fine", "coarse"):
+        keys = _keys(scale, scaled, 3, 10.0, layout.keep_columns)
+        built += sum(p.numel() for p in keys.planes) + keys.half_norms.numel()
+        built += 0 if keys.columns is None else keys.columns.numel()
+    assert estimate.memory_bytes["keys (one timestep)"] == 4 * built
+    assert estimate.memory_bytes["scores"] == 4 * 20_000 * 8
+    assert 0 < estimate.probe["training_images"] < 20_000  # a subset, scaled up
+    assert estimate.seconds["queries"] == pytest.approx(4 * estimate.seconds_per_query)
+    assert estimate.seconds_per_query > 0
+    assert json.loads(json.dumps(estimate.to_dict()))["image_shape"] == [3, 8, 8]
+
+
+@pytest.mark.parametrize(
+    ("n_train", "shape", "n_queries"), [(0, (1, 4, 4), 1), (5, (4, 4), 1), (5, (1, 4, 4), 0)]
+)
+def test_estimate_rejects_bad_counts_and_shapes(n_train: int, shape: tuple, n_queries: int) -> None:
+    with pytest.raises(ConfigError, match="image_shape"):
+        estimate_nda(n_train, shape, n_queries=n_queries)
 
 
 # ------------------------------------------------------------------------------ errors, config

@@ -1,4 +1,9 @@
-"""``diffattr plan``: memory, disk and time of an attribution run, before anything long starts."""
+"""``diffattr plan``: memory, disk and time of an attribution run, before anything long starts.
+
+Gradient methods: their featurisation (:func:`diffattr.features.estimate_featurization`). NDA
+(``--method nda``), which needs no model: its pass over the training set
+(:func:`diffattr.methods._nda.estimate_nda`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import argparse
 import json
 from typing import Any
 
+import torch
+
 from diffattr._device import resolve_device
-from diffattr.cli._options import add_backend_options
+from diffattr.cli._options import add_dataclass_options, add_feature_options, dataclass_from_args
 from diffattr.features import choose_backend, estimate_featurization
+from diffattr.methods._nda import NDAConfig, estimate_nda
 from diffattr.models import (
     LoRAConfig,
     available_models,
@@ -21,7 +29,15 @@ from diffattr.models import (
 def add_parser(commands: Any) -> None:
     """Register ``diffattr plan``."""
     parser = commands.add_parser(
-        "plan", help="expected memory, disk and time of featurising a dataset (a short probe)"
+        "plan",
+        help="expected memory, disk and time of featurising a dataset, or of NDA (a short probe)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=["features", "nda"],
+        default="features",
+        help="features (default): a gradient method's featurisation; nda: NDA's pass over the "
+        "training set (no model; its settings below, --max-memory-mb as for attribute)",
     )
     parser.add_argument(
         "--model",
@@ -34,7 +50,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--n-queries", type=int, default=100, help="query images (default: 100)")
     parser.add_argument("--timesteps", type=int, default=10, help="K (default: 10)")
     parser.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
-    add_backend_options(parser)
+    add_feature_options(parser, only=("backend", "factored-dim"))
     parser.add_argument(
         "--parameters", nargs="+", metavar="GLOB", help="only parameters matching these globs"
     )
@@ -48,12 +64,16 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--max-memory-mb", type=int, default=4096)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    add_dataclass_options(parser, NDAConfig, skip=("seed", "mask_value"))
     parser.set_defaults(run=plan_command)
 
 
 def plan_command(args: argparse.Namespace) -> None:
     """Build the model from its config (no weights needed), probe, and print the estimate."""
     device = resolve_device(args.device)
+    if args.method == "nda":
+        _plan_nda(args, device)
+        return
     spec = model_spec(args.model, in_channels=args.channels, sample_size=args.image_size)
     if args.lora is not None:
         spec = spec.with_lora(LoRAConfig(rank=args.lora))
@@ -110,4 +130,41 @@ def plan_command(args: argparse.Namespace) -> None:
         f"probe: {probe['seconds_per_gradient_pair'] * 1e3:.2f} ms per (image, timestep) "
         f"gradient, {probe['seconds_per_matrix_element'] * 1e9:.2f} ns per matrix entry, "
         f"{probe['matmul_gflops']:.0f} GFLOP/s multiply"
+    )
+
+
+def _plan_nda(args: argparse.Namespace, device: torch.device) -> None:
+    """Probe NDA's pass on random images of the given shape and print the estimate."""
+    config = dataclass_from_args(
+        NDAConfig,
+        args,
+        # --timesteps is the features' K; NDA's timesteps are its own (as for attribute).
+        timesteps=NDAConfig().timesteps,
+        max_memory_mb=args.max_memory_mb,
+    )
+    shape = (args.channels, args.image_size, args.image_size)
+    estimate = estimate_nda(args.n_train, shape, config, n_queries=args.n_queries, device=device)
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+        return
+    top_k = "all" if config.top_k is None else config.top_k
+    print(
+        f"nda: {args.n_queries:,} queries x {args.n_train:,} training images of "
+        f"{'x'.join(map(str, shape))}, top-K {top_k}, {len(config.timesteps)} timesteps x "
+        f"{config.noise_draws} noise draws, {config.dtype}, on {device} "
+        f"({estimate.workers} worker threads, {estimate.batch} query rows per batch)"
+    )
+    print("memory (GB):")
+    for name, value in estimate.memory_bytes.items():
+        print(f"  {name:24s} {value / 1e9:10.3f}")
+    print(f"  {'sum (upper bound)':24s} {estimate.peak_memory_bytes / 1e9:10.3f}")
+    print("time (hours):")
+    for name, value in estimate.seconds.items():
+        print(f"  {name:24s} {value / 3600:10.3f}")
+    print(f"  {'total':24s} {estimate.total_seconds / 3600:10.3f}")
+    probe = estimate.probe
+    print(
+        f"per query: {estimate.seconds_per_query:.2f} s (probe: {probe['query_rows']} query rows "
+        f"against {probe['training_images']} random training images, "
+        f"{probe['seconds_scoring']:.3f} s per timestep; scaled linearly to N)"
     )

@@ -1,7 +1,8 @@
-r"""NDA: nonparametric, patch-level, multiscale data attribution (METHODS.md section 5).
+r"""NDA: nonparametric, patch-level, multiscale data attribution.
 
 No model is needed: the attribution reads the weights of the optimal denoiser of the empirical
-(patch) distribution of the training set.
+(patch) distribution of the training set (docs/methods.md, section "NDA: attribution without
+the model").
 
 **Definition.** Let ``x`` be a query image (C, H, W) in [-1, 1], ``z_1..z_N`` the training images,
 ``abar_t`` the DDPM ``alphas_cumprod`` of the scheduler, ``k`` the (odd) patch size, ``r = k // 2``
@@ -42,35 +43,48 @@ matrix:
 - The cross terms ``<a_p, b_{n,q}>`` for all ``p`` and ``q`` are one convolution of the padded
   keys with the query's patches as kernels (weight ``(H W, C, k, k)``; several queries and draws
   are stacked along the output channels): ``conv2d`` on CUDA (TF32 off), and on the CPU the same
-  convolution as one explicit im2col GEMM fused with the norm term, which is faster there.
+  convolution as one explicit im2col GEMM with the norm term as one more depth, which is faster
+  there (the im2col of the keys is built once per timestep when it fits a quarter of
+  ``max_memory_mb``, else per chunk).
 - The key norms ``||b_{n,q}||^2`` are a box filter (``conv2d`` of the squared keys with ones) over
   the whole training set, computed once per timestep and reused by every query and draw.
 - The coarse scale runs on 2x2-pooled images: the projection of the ``2k x 2k`` patch at pixel
   ``(i, j)`` is the ``k x k`` window at ``(i // 2, j // 2)`` of the image pooled (sum / 2) in
   phase ``(i mod 2, j mod 2)``, so four pooled images (one per phase) give every stride-1 position
   exactly, with ``k x k`` kernels: the cost of the fine scale, not four times it.
-- The training set is processed in chunks sized from ``max_memory_mb`` (and, on the CPU, kept
-  near cache size). Per query patch the pass keeps the running log-sum-exp of all logits seen so
-  far and, per image ``n``, the log-sum-exp of its top-K logits; the top-K sum of weights is
-  ``exp(that - global log-sum-exp)``, so subtracting the final normaliser at the end makes the
-  chunked softmax exact.
+- The top-K needs no selection with indices: each (query patch, image) row of logits is sorted
+  (numpy's vectorised sort in place on the CPU; a partition for rows over 512 positions), its
+  top-K are then its last K entries, and one exp pass gives both the row's total and its top-K
+  sum. Exact, ties included (any K equal values have the same sum); with ``top_k`` None or
+  ``>= H W`` nothing is sorted.
+- The training set is processed in chunks sized from ``max_memory_mb`` (on the CPU, tiles of
+  about 1 MB of logits, shared out to ``torch.get_num_threads()`` worker threads whose torch ops
+  run single-threaded). Per query patch the pass keeps, per image ``n``, the log-sum-exp of all
+  its logits and of its top-K; the normaliser is the log-sum-exp of the first table, and the
+  top-K sum of weights is ``exp(top-K log-sum - normaliser)``, so the chunked softmax is exact and
+  does not depend on the chunking or on the number of workers.
 - Inside each log-sum-exp, terms below ``exp(-83)`` (float32; ``exp(-704)`` in float64) times
   the largest are raised to that floor, which keeps ``exp`` off its slow subnormal path; the
   relative change of a sum is below ``Q exp(-83) < 1e-32``, far under rounding.
 
 Memory: besides the per-chunk tensors (bounded by ``max_memory_mb``), each timestep holds the
-scaled, padded and pooled training images and their norms (3-6 times the training set), and each
-query row being scored the ``(H W, N)`` table of top-K log-sums per scale, which the one-pass
-algorithm keeps until the normaliser is final.
+scaled, padded and pooled training images and their norms (about 5 times the training set; 20-30
+times with their im2col), and each query row being scored two ``(H W, N)`` tables of log-sums,
+which the one-pass algorithm keeps until the normaliser is final. :func:`estimate_nda`
+(``diffattr plan --method nda``) gives the bytes and a measured time per query for a given N,
+image size and settings.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,7 +103,14 @@ from diffattr.errors import ConfigError, DataError
 from diffattr.methods._scores import Scores
 from diffattr.models import default_scheduler_config
 
-__all__ = ["NDAConfig", "nda_heatmaps", "nda_scores", "save_heatmap"]
+__all__ = [
+    "NDAConfig",
+    "NDAPlanEstimate",
+    "estimate_nda",
+    "nda_heatmaps",
+    "nda_scores",
+    "save_heatmap",
+]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -261,17 +282,21 @@ class _Keys:
 
     planes: list[torch.Tensor]  # (N, C, h, w) each
     half_norms: torch.Tensor  # (N, Q): ||b_{n,q}||^2 / 2, positions in plane order
+    columns: torch.Tensor | None = None  # (C k k + 1, N Q) from _key_columns, when kept
 
 
-def _keys(scale: str, scaled: torch.Tensor, k: int, m: float) -> _Keys:
+def _keys(scale: str, scaled: torch.Tensor, k: int, m: float, keep_columns: bool = False) -> _Keys:
     planes = _planes(scale, scaled, k, m)
     ones = torch.ones((1, scaled.shape[1], k, k), dtype=scaled.dtype, device=scaled.device)
     # Box filter of the squared keys: ||b_{n,q}||^2 at every position in one conv per plane,
     # once per timestep for the whole training set.
     with _ieee_convolutions(scaled.device):
         norms = [F.conv2d(plane * plane, ones).flatten(1) for plane in planes]
-    norms = torch.cat(norms, dim=1)
-    return _Keys(planes=planes, half_norms=norms * 0.5)
+    keys = _Keys(planes=planes, half_norms=torch.cat(norms, dim=1) * 0.5)
+    if not keep_columns:
+        return keys
+    # The GEMM operand of every chunk, built once per timestep instead of once per query batch.
+    return replace(keys, columns=_key_columns(keys, 0, len(scaled), k))
 
 
 def _columns(plane: torch.Tensor, k: int) -> torch.Tensor:
@@ -284,7 +309,29 @@ def _columns(plane: torch.Tensor, k: int) -> torch.Tensor:
     return windows.permute(1, 4, 5, 0, 2, 3).reshape(depth, plane.shape[0], -1)
 
 
-#: Device types whose cross terms run as an explicit im2col GEMM rather than conv2d.
+def _key_columns(keys: _Keys, start: int, stop: int, k: int) -> torch.Tensor:
+    """(C k k + 1, Nc Q): the chunk's key windows (im2col), then their half norms as a last row.
+
+    Times :func:`_query_rows` this is the logits in one plain GEMM: the norm term rides along
+    as one more depth instead of ``addmm``'s broadcast bias, which halves the GEMM's time at
+    these shapes (depth 9-27; measured). A view of the kept columns where ``keys`` has them.
+    """
+    if keys.columns is not None:
+        positions = keys.half_norms.shape[1]
+        return keys.columns[:, start * positions : stop * positions]
+    columns = torch.cat([_columns(plane[start:stop], k) for plane in keys.planes], dim=2)
+    half_norms = keys.half_norms[start:stop].reshape(1, -1)
+    return torch.cat([columns.reshape(columns.shape[0], -1), half_norms])
+
+
+def _query_rows(weight: torch.Tensor, inv_var: float) -> torch.Tensor:
+    """(R P, C k k + 1): each query patch, then -1, all times 1 / (1 - abar)."""
+    flat = weight.reshape(weight.shape[0], -1)
+    return torch.cat([flat, flat.new_full((flat.shape[0], 1), -1.0)], dim=1).mul_(inv_var)
+
+
+#: Device types whose cross terms run as an explicit im2col GEMM rather than conv2d, split into
+#: tiles shared out to worker threads.
 _GEMM_DEVICE_TYPES = ("cpu",)
 
 
@@ -295,42 +342,21 @@ def _logits(
 
     The cross terms <a_p, b_{n,q}> are the chunk's key planes convolved with the query patches
     as kernels. On CUDA that is ``conv2d`` (weight ``(R * P, C, k, k)``). On the CPU the same
-    convolution runs as one explicit im2col GEMM, (R * P, C k k) times (C k k, Nc Q), fused with
-    the norm term (``addmm``): oneDNN's conv2d is 1.5-8 times slower at these shapes (1-3 input
-    channels, hundreds of output channels; measured on the digits), and the coarse scale's
-    four phases then share one GEMM instead of concatenating four conv outputs.
+    convolution runs as one explicit im2col GEMM fused with the norm term
+    (:func:`_query_rows` times :func:`_key_columns`): oneDNN's conv2d is 1.5-8 times slower at
+    these shapes (1-3 input channels, hundreds of output channels; measured on the digits), and
+    the coarse scale's four phases then share one GEMM instead of concatenating four conv
+    outputs.
     """
     rows, k = weight.shape[0], weight.shape[-1]
-    planes = [plane[start:stop] for plane in keys.planes]
-    half_norms = keys.half_norms[start:stop]
     if weight.device.type in _GEMM_DEVICE_TYPES:
-        columns = torch.cat([_columns(plane, k) for plane in planes], dim=2)  # (C k k, Nc, Q)
-        depth, chunk, positions = columns.shape
-        logits = torch.addmm(
-            half_norms.reshape(1, -1),
-            weight.reshape(rows, depth),
-            columns.view(depth, chunk * positions),
-            beta=-inv_var,
-            alpha=inv_var,
-        )
-        return logits.view(rows, chunk, positions)
+        logits = _query_rows(weight, inv_var) @ _key_columns(keys, start, stop, k)
+        return logits.view(rows, stop - start, -1)
+    planes = [plane[start:stop] for plane in keys.planes]
     with _ieee_convolutions(weight.device):
         parts = [F.conv2d(plane, weight).flatten(2) for plane in planes]
     cross = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (Nc, R * P, Q)
-    return cross.transpose(0, 1).sub_(half_norms[None]).mul_(inv_var)
-
-
-def _logsumexp_(values: torch.Tensor) -> torch.Tensor:
-    """Log-sum-exp over the last dimension, computed in place (``values`` is overwritten).
-
-    The shifted values are floored at :func:`_exp_floor` before ``exp``: below it ``exp``
-    takes its subnormal path, about 25 times slower on CPUs, and every floored term adds less
-    than ``exp(floor) < 1e-35`` to a sum that the maximum term alone makes >= 1, so the result
-    is unchanged to rounding (the relative change is at most ``Q exp(floor)``).
-    """
-    peak = values.amax(dim=-1, keepdim=True)
-    values.sub_(peak).clamp_(min=_exp_floor(values.dtype)).exp_()
-    return values.sum(dim=-1).log_().add_(peak.squeeze(-1))
+    return cross.transpose(0, 1).sub_(keys.half_norms[start:stop][None]).mul_(inv_var)
 
 
 def _exp_floor(dtype: torch.dtype) -> float:
@@ -338,34 +364,177 @@ def _exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 4.0
 
 
+#: Device types whose rows numpy rearranges in place: its vectorised sorting networks and
+#: selection (AVX-512 or AVX2) move a row's K largest logits to its end 10-25 times faster than
+#: ``torch.topk`` on this CPU (0.7 ns per logit for rows of 256, 1.2 ns for 1024; measured).
+_NUMPY_SORT_DEVICE_TYPES = ("cpu",)
+
+#: Rows longer than this are partitioned rather than sorted: numpy's sort was twice as fast as
+#: its partition for rows of 64-512 logits, its partition faster from 1024 (measured).
+_SORT_MAX_POSITIONS = 512
+
+
+def _top_last_(values: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` with each row's ``top_k`` largest moved to its end, and each row's maximum.
+
+    Rows are along the last dimension. In place where numpy does it (a sort, or a partition for
+    long rows); elsewhere a sort.
+    """
+    if values.device.type not in _NUMPY_SORT_DEVICE_TYPES:
+        values = values.sort(dim=-1).values
+        return values, values[..., -1].clone()
+    rows = values.numpy()
+    positions = rows.shape[-1]
+    if positions > _SORT_MAX_POSITIONS:
+        rows.partition(positions - top_k, axis=-1)
+        return values, values[..., -top_k:].amax(dim=-1)
+    rows.sort(axis=-1)
+    # A copy: the caller shifts the rows by it in place.
+    return values, values[..., -1].clone()
+
+
+def _image_sums_(logits: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, image): the log-sum-exp of its Q logits and of its ``top_k`` largest.
+
+    ``logits`` (rows, Nc, Q) is overwritten. For a top-K each row is first rearranged so that
+    its top-K are its last K entries (:func:`_top_last_`; ties need no care: any K of equal
+    values have the same sum), and one exp pass then gives both sums: the top-K costs a sort
+    instead of a selection with indices (``torch.topk``, which took 85% of the time). With
+    ``top_k`` None the two results are the same tensor.
+
+    The shifted values are floored at :func:`_exp_floor` before ``exp``: below it ``exp`` takes
+    its subnormal path, about 25 times slower on CPUs, and every floored term adds less than
+    ``exp(floor) < 1e-35`` to a sum that the peak alone makes >= 1, so the sums are unchanged
+    to rounding (the relative change is at most ``Q exp(floor)``).
+    """
+    if top_k is None:
+        peak = logits.amax(dim=-1)
+    else:
+        logits, peak = _top_last_(logits, top_k)
+    weights = logits.sub_(peak[..., None]).clamp_(min=_exp_floor(logits.dtype)).exp_()
+    per_image = weights.sum(dim=-1).log_().add_(peak)
+    if top_k is None:
+        return per_image, per_image
+    return per_image, weights[..., -top_k:].sum(dim=-1).log_().add_(peak)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """How a pass is cut up, from :func:`_plan`."""
+
+    batch: int  # query rows (query, draw) per batch
+    chunk: int  # training images per chunk
+    tile_rows: int  # query patches per GEMM tile (CPU)
+    workers: int  # threads sharing the chunks (CPU)
+    keep_columns: bool  # build each timestep's key columns once for every batch (CPU)
+
+
+@contextmanager
+def _cpu_workers(device: torch.device) -> Iterator[int]:
+    """Yield the number of worker threads for a run; torch ops are single-threaded meanwhile.
+
+    On the CPU the workers are torch's intra-op threads (``torch.set_num_threads``,
+    ``OMP_NUM_THREADS``), each running whole tiles with single-threaded ops: torch releases the
+    GIL in its kernels and numpy in its sort. Intra-op threads split every op and meet at a
+    barrier after it, which stalls whenever another process holds a core (measured on a shared
+    2-core machine: NDA with 2 intra-op threads ran 5-10 times slower than with 1), and their
+    idle threads spin between ops, taking CPU from the workers. Other devices use one worker.
+    """
+    if device.type not in _GEMM_DEVICE_TYPES:
+        yield 1
+        return
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield workers
+    finally:
+        torch.set_num_threads(workers)
+
+
+def _run_workers(
+    count: int, make_worker: Callable[[], Callable[[int], None]], workers: int
+) -> None:
+    """Run ``make_worker()(i)`` for ``i < count``, shared out to ``workers`` threads."""
+    if workers <= 1:
+        work = make_worker()
+        for index in range(count):
+            work(index)
+        return
+    pending, lock = iter(range(count)), threading.Lock()
+
+    def drain() -> None:
+        work = make_worker()  # its own scratch buffer
+        while True:
+            with lock:
+                index = next(pending, None)
+            if index is None:
+                return
+            work(index)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(drain) for _ in range(workers)]:
+            future.result()
+
+
 def _scale_pass(
-    weight: torch.Tensor, keys: _Keys, inv_var: float, top_k: int | None, chunk: int
+    weight: torch.Tensor, keys: _Keys, inv_var: float, top_k: int | None, layout: _Layout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over the training set for a stack of query patches.
 
     Returns:
         ``(lse, top)``: ``lse`` (R * P,) the log-sum-exp of every logit of each query patch,
         ``top`` (R * P, N) the log-sum-exp of image n's top-K logits; ``exp(top - lse)`` is the
-        top-K sum of the softmax weights.
+        top-K sum of the softmax weights. The top-K log-sums need no normaliser: it is
+        subtracted at the end, once the global one (the log-sum-exp of every image's total) is
+        known.
     """
     n, positions = keys.half_norms.shape
     rows = weight.shape[0]
-    lse = torch.full((rows,), -math.inf, dtype=weight.dtype, device=weight.device)
+    keep = top_k if top_k is not None and top_k < positions else None
+    starts = range(0, n, layout.chunk)
     top = torch.empty((rows, n), dtype=weight.dtype, device=weight.device)
-    partial_top = top_k is not None and top_k < positions
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        logits = _logits(weight, keys, start, stop, inv_var)  # (R * P, Nc, Q)
-        if partial_top:
-            # The top-K weights are those of the top-K logits, and the log of their sum needs no
-            # normaliser: it is subtracted at the end, once the global one is known.
-            best = _logsumexp_(logits.topk(top_k, dim=2, sorted=False).values)
-        per_image = _logsumexp_(logits)  # (R * P, Nc); overwrites the logits
-        # Running global normaliser over every (n, q) seen so far.
-        lse = torch.logaddexp(lse, torch.logsumexp(per_image, dim=1))
-        top[:, start:stop] = best if partial_top else per_image
-        del logits
-    return lse, top
+    # Each image's log-sum-exp of all its logits, reduced once at the end: the normaliser then
+    # does not depend on how the images were chunked or which worker ran which chunk.
+    totals = top if keep is None else torch.empty_like(top)
+
+    if weight.device.type not in _GEMM_DEVICE_TYPES:
+        for start in starts:
+            stop = min(n, start + layout.chunk)
+            logits = _logits(weight, keys, start, stop, inv_var)
+            totals[:, start:stop], top[:, start:stop] = _image_sums_(logits, keep)
+        return torch.logsumexp(totals, dim=1), top
+
+    query = _query_rows(weight, inv_var)
+    tile = min(rows, layout.tile_rows)
+
+    def make_worker() -> Callable[[int], None]:
+        scratch = weight.new_empty(tile * layout.chunk * positions)
+
+        def work(index: int) -> None:
+            start = starts[index]
+            stop = min(n, start + layout.chunk)
+            columns = _key_columns(keys, start, stop, weight.shape[-1])  # shared by the tiles
+            for first in range(0, rows, tile):
+                last = min(rows, first + tile)
+                out = scratch[: (last - first) * columns.shape[1]].view(last - first, -1)
+                logits = torch.mm(query[first:last], columns, out=out)
+                sums = _image_sums_(logits.view(last - first, stop - start, -1), keep)
+                totals[first:last, start:stop], top[first:last, start:stop] = sums
+
+        return work
+
+    _run_workers(len(starts), make_worker, min(layout.workers, len(starts)))
+    return torch.logsumexp(totals, dim=1), top
+
+
+def _image_shares(lse: torch.Tensor, top: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, N) float64: each image's top-K weight mass, summed over the query patches.
+
+    In float64: the weights of distant images, far below float32's normal range, stay accurate
+    (and off the slow subnormal path of exp).
+    """
+    shares = top.double().sub_(lse.double()[:, None]).exp_()
+    return shares.view(rows, -1, top.shape[1]).sum(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,10 +581,14 @@ def _noised(
     return math.sqrt(abar) * images + math.sqrt(1.0 - abar) * noise
 
 
-#: On the CPU the per-chunk tensors are kept near cache size whatever the budget: chunks of a
-#: few MB run 2-3 times faster than one huge chunk (fewer page faults, cache-resident exp and
-#: top-k; measured on the digits). Other devices use the whole budget.
-_CPU_BLOCK_MB = 16
+#: On the CPU each worker's logits tile is kept near L2 cache size whatever the budget: 0.5-1 MB
+#: tiles ran 25% faster than 4-16 MB ones, the sort and the exp passes reading from cache
+#: (measured on the digits). Other devices use the whole budget.
+_CPU_BLOCK_MB = 1
+
+#: On the CPU a batch holds enough query rows for this many query patches, so that a chunk's
+#: im2col (depth C k k + 1 per key position) is a small part of its GEMM.
+_CPU_BATCH_PATCHES = 256
 
 
 def _plan(
@@ -423,26 +596,56 @@ def _plan(
     rows_total: int,
     n_train: int,
     shape: tuple[int, ...],
-    scales: int,
     device: torch.device,
-) -> tuple[int, int]:
-    """(query rows per batch, training images per chunk) within ``max_memory_mb``."""
+    workers: int = 1,
+) -> _Layout:
+    """How to cut a run into batches, chunks and tiles within ``max_memory_mb``."""
     positions = shape[-2] * shape[-1]
-    itemsize = 4 if config.dtype == "float32" else 8
-    k = positions if config.top_k is None else min(config.top_k, positions)
-    # Per (query row, training image) in a chunk: the P x Q conv output (the logits, computed in
-    # place) and the coarse scale's concatenation copy, plus top-k values and int64 indices.
-    pair = positions * positions * 2 * itemsize
-    if k < positions:
-        pair += positions * k * (itemsize + 8)
-    # Per query row for the whole pass: the (P, N) top-K table of each scale.
-    row_fixed = scales * positions * n_train * itemsize
+    itemsize = torch.finfo(_DTYPES[config.dtype]).bits // 8
     budget = config.max_memory_mb << 20
-    block = min(budget, _CPU_BLOCK_MB << 20) if device.type == "cpu" else budget
-    # Batch as many query rows as fit (wider convolutions), then fill the block with images.
-    batch = max(1, min(rows_total, block // pair, (budget // 2) // max(1, row_fixed)))
-    chunk = max(1, min(n_train, block // (batch * pair)))
-    return batch, chunk
+    most_rows = max(1, min(rows_total, (budget // 2) // _row_table_bytes(config, shape, n_train)))
+    if device.type in _GEMM_DEVICE_TYPES:
+        block = min(budget // workers, _CPU_BLOCK_MB << 20)
+        batch = min(most_rows, -(-_CPU_BATCH_PATCHES // positions))
+        # A tile is (query patches, images of the chunk, key positions) logits.
+        tile_rows = max(1, min(batch * positions, block // (positions * itemsize)))
+        chunk = max(1, min(n_train, block // (tile_rows * positions * itemsize)))
+        return _Layout(
+            batch=batch,
+            chunk=chunk,
+            tile_rows=tile_rows,
+            workers=workers,
+            keep_columns=_columns_bytes(config, shape, n_train) <= budget // 4,
+        )
+    # Per (query row, training image) in a chunk: the P x Q conv output and the coarse scale's
+    # concatenation copy, plus the sorted values and their int64 indices for a top-K.
+    pair = positions * positions * 2 * itemsize
+    if config.top_k is not None and config.top_k < positions:
+        pair += positions * positions * (itemsize + 8)
+    # Batch as many query rows as fit (wider convolutions), then fill the budget with images.
+    batch = max(1, min(most_rows, budget // pair))
+    chunk = max(1, min(n_train, budget // (batch * pair)))
+    return _Layout(
+        batch=batch, chunk=chunk, tile_rows=batch * positions, workers=1, keep_columns=False
+    )
+
+
+def _columns_bytes(config: NDAConfig, shape: tuple[int, ...], n_train: int) -> int:
+    """Bytes of one timestep's key columns (:func:`_key_columns`), both scales."""
+    depth = shape[0] * config.patch_size**2 + 1
+    itemsize = torch.finfo(_DTYPES[config.dtype]).bits // 8
+    return 2 * depth * n_train * shape[-2] * shape[-1] * itemsize
+
+
+def _row_table_bytes(config: NDAConfig, shape: tuple[int, ...], n_train: int) -> int:
+    """Bytes per query row held through a scale pass: the (P, N) tables of its log-sums.
+
+    The top-K and all-position log-sums during the pass (one table without a top-K), then the
+    top-K table and its float64 shares.
+    """
+    positions = shape[-2] * shape[-1]
+    itemsize = torch.finfo(_DTYPES[config.dtype]).bits // 8
+    return positions * n_train * max(2 * itemsize, itemsize + 8)
 
 
 def _scales(alpha: float) -> list[tuple[str, float]]:
@@ -457,13 +660,13 @@ def _nda_tau(
     scheduler_config: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    chunk: int | None = None,
-    batch: int | None = None,
+    **layout: int | bool | None,
 ) -> tuple[np.ndarray, list[float]]:
     """The NDA scores as float64 (n_query, n_train), and the abar of each timestep.
 
-    ``chunk`` / ``batch`` override the training-chunk size and the query rows per batch that
-    ``max_memory_mb`` would choose (tests use them to exercise the chunked softmax).
+    ``layout`` overrides fields of the :class:`_Layout` that ``max_memory_mb`` and the CPU's
+    threads would choose (None: keep; tests use them to exercise the chunked softmax, the
+    tiles, the workers and the per-chunk key columns).
     """
     _check_shapes(queries, train)
     abars = _alphas_cumprod(config, scheduler_config)
@@ -476,42 +679,47 @@ def _nda_tau(
     row_query = np.repeat(np.arange(len(queries)), draws)
     row_draw = np.tile(np.arange(draws), len(queries)).tolist()
     rows_total = len(row_query)
-    planned_batch, planned_chunk = _plan(
-        config, rows_total, len(train), tuple(train.images.shape[1:]), len(scales), device
-    )
-    batch = batch or planned_batch
-    chunk = chunk or planned_chunk
-    positions = train.image_size[0] * train.image_size[1]
-
     train_images = train.images.to(device=device, dtype=dtype)
     query_images = queries.images.to(device=device, dtype=dtype)
     tau = torch.zeros((len(queries), len(train)), dtype=torch.float64)
-    starts = range(0, rows_total, batch)
-    bar = tqdm(total=len(abars) * len(starts), desc="nda", unit="batch", disable=not progress)
-    for t, abar in zip(config.timesteps, abars, strict=True):
-        inv_var = 1.0 / (1.0 - abar)
-        # Keys depend on t only: scaled, padded, pooled and their norms once for every query.
-        scaled = math.sqrt(abar) * train_images
-        keys = {scale: _keys(scale, scaled, k, m) for scale, _ in scales}
-        for start in starts:
-            sel = row_query[start : start + batch]
-            x_t = _noised(
-                query_images[torch.from_numpy(sel).to(device)],
-                queries.ids[sel],
-                row_draw[start : start + batch],
-                t,
-                abar,
-                config.seed,
-            )
-            for scale, weight in scales:
-                patches = _patches(_planes(scale, x_t, k, m), k)
-                lse, top = _scale_pass(patches, keys[scale], inv_var, config.top_k, chunk)
-                # In float64: the weights of distant images, far below float32's normal range,
-                # stay accurate (and off the slow subnormal path of exp).
-                share = torch.exp(top.double() - lse.double()[:, None])
-                share = share.reshape(len(sel), positions, -1).sum(1)
-                tau.index_add_(0, torch.from_numpy(sel), share.cpu(), alpha=weight)
-            bar.update(1)
+    # Counted in (query row, timestep) passes, shown in queries: every batch at every timestep
+    # is a share of a query, so the rate and the time left are per query although a query's
+    # score is complete only after the last timestep.
+    bar = tqdm(
+        total=rows_total * len(abars),
+        desc="nda",
+        unit="query",
+        unit_scale=1 / (draws * len(abars)),
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} queries [{elapsed}<{remaining}, {rate_fmt}]",
+        disable=not progress,
+    )
+    with _cpu_workers(device) as workers:
+        plan = _plan(config, rows_total, len(train), train.images.shape[1:], device, workers)
+        plan = replace(plan, **{name: v for name, v in layout.items() if v is not None})
+        starts = range(0, rows_total, plan.batch)
+        for t, abar in zip(config.timesteps, abars, strict=True):
+            inv_var = 1.0 / (1.0 - abar)
+            # Keys depend on t only: scaled, padded, pooled and their norms once for every query.
+            scaled = math.sqrt(abar) * train_images
+            keys = {scale: _keys(scale, scaled, k, m, plan.keep_columns) for scale, _ in scales}
+            for start in starts:
+                sel = row_query[start : start + plan.batch]
+                x_t = _noised(
+                    query_images[torch.from_numpy(sel).to(device)],
+                    queries.ids[sel],
+                    row_draw[start : start + plan.batch],
+                    t,
+                    abar,
+                    config.seed,
+                )
+                for scale, weight in scales:
+                    patches = _patches(_planes(scale, x_t, k, m), k)
+                    lse, top = _scale_pass(patches, keys[scale], inv_var, config.top_k, plan)
+                    shares = _image_shares(lse, top, len(sel)).cpu()
+                    del top  # before the next scale's pass allocates its tables
+                    tau.index_add_(0, torch.from_numpy(sel), shares, alpha=weight)
+                bar.update(len(sel))
+            del keys, scaled  # before the next timestep's are built
     bar.close()
     tau /= len(abars) * draws
     return tau.numpy(), abars
@@ -567,6 +775,181 @@ def nda_scores(
         method="nda",
         settings=settings,
     )
+
+
+#: Logits a probe of :func:`estimate_nda` computes per scale (about 0.1 s on one CPU core).
+_PROBE_LOGITS = 1 << 25
+
+
+@dataclass(frozen=True)
+class NDAPlanEstimate:
+    """What an NDA run will need: bytes, seconds, and what they were derived from."""
+
+    n_train: int
+    n_queries: int
+    image_shape: tuple[int, int, int]
+    device: str
+    workers: int
+    batch: int
+    memory_bytes: dict[str, int]
+    seconds: dict[str, float]
+    seconds_per_query: float
+    probe: dict[str, float]
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The sum of the resident pieces (an upper bound: not all live at once)."""
+        return sum(self.memory_bytes.values())
+
+    @property
+    def total_seconds(self) -> float:
+        """Expected time of the whole run."""
+        return sum(self.seconds.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            **asdict(self),
+            "image_shape": list(self.image_shape),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "total_seconds": self.total_seconds,
+        }
+
+
+def estimate_nda(
+    n_train: int,
+    image_shape: tuple[int, int, int],
+    config: NDAConfig | None = None,
+    *,
+    n_queries: int = 1,
+    scheduler_config: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    repeats: int = 2,
+) -> NDAPlanEstimate:
+    """Estimate the memory and time of scoring ``n_queries`` queries against ``n_train`` images.
+
+    Memory follows from the shapes and the run's layout (:func:`_plan`). Time comes from a short
+    probe on ``device`` with random images: one timestep's keys and one batch of query rows
+    scored against a subset of the training set sized to about ``2^25`` logits per scale, timed
+    after a warm-up (fastest of ``repeats``), then scaled linearly to ``n_train`` images (the
+    pass is linear in N: ``benchmarks/bench_nda.py --scale`` measures it), the timesteps and
+    the noise draws.
+
+    Args:
+        n_train: Training images N.
+        image_shape: (C, H, W).
+        config: The NDA settings (default: ``NDAConfig()``).
+        n_queries: Query images.
+        scheduler_config: As for :func:`nda_scores`.
+        device: Where the probe runs, and the run would (CPU: on torch's threads).
+        repeats: Timed repetitions of the probe.
+
+    Raises:
+        ConfigError: Bad counts or shape, a timestep outside the schedule, or a bad device.
+    """
+    config = config or NDAConfig()
+    if not (
+        is_int(n_train)
+        and n_train >= 1
+        and is_int(n_queries)
+        and n_queries >= 1
+        and len(image_shape) == 3
+        and all(is_int(d) and d >= 1 for d in image_shape)
+    ):
+        raise ConfigError(
+            f"n_train={n_train!r}, n_queries={n_queries!r} and image_shape={image_shape!r} are "
+            "invalid: counts must be ints >= 1 and the shape three ints >= 1 (C, H, W)"
+        )
+    abar = _alphas_cumprod(config, scheduler_config)[0]
+    device = resolve_device(device)
+    dtype = _DTYPES[config.dtype]
+    itemsize = torch.finfo(dtype).bits // 8
+    channels, height, width = image_shape
+    positions = height * width
+    k, m = config.patch_size, config.mask_value
+    scales = _scales(config.alpha)
+    rows_total = n_queries * config.noise_draws
+    draw = torch.Generator().manual_seed(0)
+    with _cpu_workers(device) as workers:
+        layout = _plan(config, rows_total, n_train, image_shape, device, workers)
+        n_probe = min(
+            n_train, max(layout.chunk * layout.workers, -(-_PROBE_LOGITS // positions**2))
+        )
+        rows = min(layout.batch, rows_total)
+        train = (torch.rand((n_probe, *image_shape), generator=draw) * 2 - 1).to(device, dtype)
+        x_t = (torch.rand((rows, *image_shape), generator=draw) * 2 - 1).to(device, dtype)
+        inv_var = 1.0 / (1.0 - abar)
+
+        def build_keys() -> dict[str, _Keys]:
+            scaled = math.sqrt(abar) * train
+            return {scale: _keys(scale, scaled, k, m, layout.keep_columns) for scale, _ in scales}
+
+        keys = build_keys()
+
+        def score() -> None:
+            for scale, _ in scales:
+                patches = _patches(_planes(scale, x_t, k, m), k)
+                _image_shares(
+                    *_scale_pass(patches, keys[scale], inv_var, config.top_k, layout), rows
+                )
+
+        keys_seconds = _fastest(build_keys, repeats, device)
+        score_seconds = _fastest(score, repeats, device)
+    per_image = len(config.timesteps) * n_train / n_probe
+    seconds_per_query = score_seconds / rows * config.noise_draws * per_image
+    # Per training image, one timestep's keys: the scaled image, and at each scale the padded
+    # (pooled) planes, the norms and, where kept, the GEMM columns.
+    one = torch.zeros((1, *image_shape), dtype=dtype)
+    depth = channels * k * k + 1
+    key_values = channels * positions + sum(
+        sum(plane.numel() for plane in _planes(scale, one, k, m))
+        + positions
+        + (depth * positions if layout.keep_columns else 0)
+        for scale, _ in scales
+    )
+    tile = layout.tile_rows * layout.chunk * positions
+    chunk_columns = 0 if layout.keep_columns else depth * layout.chunk * positions
+    return NDAPlanEstimate(
+        n_train=n_train,
+        n_queries=n_queries,
+        image_shape=(channels, height, width),
+        device=str(device),
+        workers=layout.workers,
+        batch=layout.batch,
+        memory_bytes={
+            "training images": n_train * channels * positions * itemsize,
+            "keys (one timestep)": n_train * key_values * itemsize,
+            "score tables (a batch)": layout.batch * _row_table_bytes(config, image_shape, n_train),
+            "logit tiles": layout.workers * (tile + chunk_columns) * itemsize,
+            "scores": n_queries * n_train * 8,
+        },
+        seconds={
+            "keys": keys_seconds * per_image,
+            "queries": seconds_per_query * n_queries,
+        },
+        seconds_per_query=seconds_per_query,
+        probe={
+            "training_images": n_probe,
+            "query_rows": rows,
+            "seconds_keys": keys_seconds,
+            "seconds_scoring": score_seconds,
+        },
+    )
+
+
+def _fastest(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one untimed warm-up."""
+    fn()
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return best
 
 
 def _scheduler(scheduler_config: dict[str, Any] | None) -> DDPMScheduler:
@@ -627,33 +1010,35 @@ def nda_heatmaps(
     height, width = train.image_size
     positions = height * width
     draws = list(range(config.noise_draws))
-    _, chunk = _plan(config, len(draws), len(train), tuple(train.images.shape[1:]), 1, device)
     train_images = train.images.to(device=device, dtype=dtype)
     query = queries.images[query_pos : query_pos + 1].to(device=device, dtype=dtype)
     query_map = torch.zeros(positions, dtype=torch.float64)
     train_map = torch.zeros(positions, dtype=torch.float64)
-    for t, abar in zip(config.timesteps, abars, strict=True):
-        inv_var = 1.0 / (1.0 - abar)
-        keys = _keys("fine", math.sqrt(abar) * train_images, k, m)
-        x_t = _noised(
-            query.expand(len(draws), -1, -1, -1),
-            np.full(len(draws), queries.ids[query_pos]),
-            draws,
-            t,
-            abar,
-            config.seed,
-        )
-        patches = _patches(_planes("fine", x_t, k, m), k)
-        lse, top = _scale_pass(patches, keys, inv_var, config.top_k, chunk)
-        # Fine-scale positions are in raster order, rows draw-major. The top-K weight mass of
-        # the target at each query patch, and each of its positions' weight summed over patches.
-        mass = torch.exp(top[:, target].double() - lse.double())
-        mass = mass.reshape(len(draws), positions).sum(0)
-        logits = _logits(patches, keys, target, target + 1, inv_var)[:, 0].double()
-        weights = torch.exp(logits - lse.double()[:, None])
-        spread = weights.reshape(len(draws), positions, positions).sum((0, 1))
-        query_map += mass.double().cpu()
-        train_map += spread.double().cpu()
+    with _cpu_workers(device) as workers:
+        layout = _plan(config, len(draws), len(train), train.images.shape[1:], device, workers)
+        for t, abar in zip(config.timesteps, abars, strict=True):
+            inv_var = 1.0 / (1.0 - abar)
+            keys = _keys("fine", math.sqrt(abar) * train_images, k, m, layout.keep_columns)
+            x_t = _noised(
+                query.expand(len(draws), -1, -1, -1),
+                np.full(len(draws), queries.ids[query_pos]),
+                draws,
+                t,
+                abar,
+                config.seed,
+            )
+            patches = _patches(_planes("fine", x_t, k, m), k)
+            lse, top = _scale_pass(patches, keys, inv_var, config.top_k, layout)
+            # Fine-scale positions are in raster order, rows draw-major. The top-K weight mass of
+            # the target at each query patch, and each of its positions' weight summed over
+            # patches.
+            mass = torch.exp(top[:, target].double() - lse.double())
+            mass = mass.reshape(len(draws), positions).sum(0)
+            logits = _logits(patches, keys, target, target + 1, inv_var)[:, 0].double()
+            weights = torch.exp(logits - lse.double()[:, None])
+            spread = weights.reshape(len(draws), positions, positions).sum((0, 1))
+            query_map += mass.double().cpu()
+            train_map += spread.double().cpu()
     scale = len(abars) * len(draws)
     return (
         (query_map / scale).reshape(height, width).numpy(),
