@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffattr.cli import main
+from diffattr.cli import build_parser, main
 from diffattr.methods import Scores
 
 from .test_cli import TRAIN_ARGS, _expect_error, _write_npz
@@ -150,3 +150,55 @@ def test_mixed_precision_option(run: Path, capsys: pytest.CaptureFixture[str]) -
     assert scores.settings["features"]["mixed_precision"] == "bf16"
     capsys.readouterr()
     _expect_error(capsys, [*argv, "--mixed-precision", "tf32"], "CUDA matmul mode")
+
+
+def test_feature_options_default_to_the_library_defaults() -> None:
+    from diffattr.cli._options import FEATURE_OPTIONS, features_from_args
+    from diffattr.features import FeatureConfig
+
+    args = build_parser().parse_args(["attribute", "m", "--out", "x"])
+    assert features_from_args(args) == FeatureConfig()
+    default = FeatureConfig()
+    for flag, path in FEATURE_OPTIONS.items():
+        value: object = default
+        for name in path:
+            value = getattr(value, name)
+        assert getattr(args, flag.replace("-", "_")) == value, flag
+
+
+def test_feature_options_set_their_fields() -> None:
+    from diffattr.cli._options import features_from_args
+    from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig
+
+    argv = ["attribute", "m", "--out", "x", "--timesteps", "3", "--noise", "per_sample"]
+    argv += ["--proj-dim", "64", "--backend", "vmap", "--max-memory-mb", "16"]
+    argv += ["--precision", "float64", "--parameters", "*.weight"]
+    features = features_from_args(build_parser().parse_args(argv))
+    assert features == FeatureConfig(
+        plan=PlanConfig(num_steps=3, noise="per_sample"),
+        projection=ProjectionConfig(kind="dense", dim=64, max_memory_mb=16),
+        backend="vmap",
+        dtype="float64",
+        parameters=("*.weight",),
+    )
+
+
+def test_a_rerun_with_new_queries_scores_them_against_the_saved_fit(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffattr.methods import DAS
+
+    out = run / "index"
+    argv = ["attribute", str(run / "ckpt"), "--out", str(out), *FAST]
+    assert main([*argv, "--queries", str(run / "toy.npz"), "--n-queries", "3"]) == 0
+    trains = sorted(out.glob("features/*/*/train-*"))
+    assert len(trains) == 1
+
+    def refit(*args: object) -> None:
+        raise AssertionError("the rerun fitted DAS again")
+
+    monkeypatch.setattr(DAS, "_fit_one", refit)
+    assert main([*argv, "--queries", str(run / "toy.npz"), "--n-queries", "5"]) == 0
+    assert sorted(out.glob("features/*/*/train-*")) == trains
+    assert len(list(out.glob("features/*/*/query-*"))) == 2
+    assert Scores.load(out / "scores" / "das").values.shape == (5, 22)

@@ -8,8 +8,8 @@ import pytest
 
 from diffattr._io import read_json
 from diffattr.cli import main
-from diffattr.methods import Scores
-from diffattr.report import RUN_FILE, record_run
+from diffattr.methods import Scores, record_run
+from diffattr.methods._run import RUN_FILE
 from tests.report.browser import ARTIFACTS, open_in_chromium
 from tests.report.helpers import write_lds
 

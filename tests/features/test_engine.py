@@ -504,7 +504,7 @@ KRONECKER = ProjectionConfig(kind="kronecker", dim=40, seed=3)
 def test_factored_backend_equals_vmap_with_the_same_kronecker_projection(
     model: nn.Module, dataset: ImageDataset, tmp_path: Path, output: OutputConfig
 ) -> None:
-    vmap_config = replace(CONFIG, projection=KRONECKER, output=output)
+    vmap_config = replace(CONFIG, projection=KRONECKER, output=output, backend="vmap")
     factored_config = replace(vmap_config, backend="factored")
     by_vmap = arrays(run(model, dataset, vmap_config, tmp_path / "vmap"))
     factored = run(model, dataset, factored_config, tmp_path / "factored")
@@ -519,7 +519,7 @@ def test_factored_backend_equals_vmap_with_the_same_kronecker_projection(
 def test_store_of_the_other_backend_is_refused(
     model: nn.Module, dataset: ImageDataset, tmp_path: Path
 ) -> None:
-    config = replace(CONFIG, projection=KRONECKER)
+    config = replace(CONFIG, projection=KRONECKER, backend="vmap")
     run(model, dataset, config, tmp_path / "s")
     with pytest.raises(StoreMismatchError, match=r"features\.backend"):
         run(model, dataset, replace(config, backend="factored"), tmp_path / "s")
@@ -527,10 +527,28 @@ def test_store_of_the_other_backend_is_refused(
 
 def test_factored_backend_needs_a_kronecker_projection() -> None:
     with pytest.raises(ConfigError, match="kronecker"):
-        FeatureConfig(backend="factored")
+        FeatureConfig(backend="factored", projection=ProjectionConfig(kind="dense"))
     with pytest.raises(ConfigError, match="backend"):
         FeatureConfig(backend="hooks")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="KroneckerLayout"):
         make_projector(KRONECKER, 1000)
     config = FeatureConfig(projection=KRONECKER, backend="factored")
     assert FeatureConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_float16_storage_halves_the_features_and_keeps_their_values(
+    model: nn.Module, dataset: ImageDataset, tmp_path: Path
+) -> None:
+    full = run(model, dataset, replace(CONFIG, dtype="float32"), tmp_path / "f32")
+    half = run(model, dataset, replace(CONFIG, dtype="float32", storage="float16"), tmp_path / "h")
+    assert half.array("features").dtype == np.float16
+    assert half.array("losses").dtype == np.float32
+    assert half.settings["features"]["storage"] == "float16"
+    np.testing.assert_allclose(
+        np.asarray(half.array("features"), np.float32),
+        full.array("features"),
+        rtol=1e-3,
+        atol=1e-3 * np.abs(full.array("features")).max(),
+    )
+    with pytest.raises(ConfigError, match="storage"):
+        FeatureConfig(storage="int8")  # type: ignore[arg-type]

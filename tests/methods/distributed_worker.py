@@ -12,10 +12,27 @@ import torch
 import torch.distributed as dist
 
 from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig
-from diffattr.methods import attribute, get_method
+from diffattr.methods import (
+    DAS,
+    EKFAC,
+    AttributionMethod,
+    DASConfig,
+    InfluenceConfig,
+    attribute,
+    get_method,
+)
 from diffattr.models import load_checkpoint
 
 FEATURES = FeatureConfig(plan=PlanConfig(num_steps=2), projection=ProjectionConfig(dim=32))
+
+
+def make(method: str) -> AttributionMethod:
+    """A registered method with its defaults; "ekfac" and "das-ekfac": the projected route."""
+    if method == "ekfac":
+        return EKFAC(InfluenceConfig(route="projected"))
+    if method == "das-ekfac":
+        return DAS(DASConfig(curvature="ekfac", route="projected"))
+    return get_method(method)()
 
 
 def main() -> None:
@@ -24,7 +41,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     checkpoint = load_checkpoint(checkpoint_dir)
     attribute(
-        get_method(method)(),
+        make(method),
         [checkpoint],
         checkpoint.training_data(),
         checkpoint.heldout_data(),

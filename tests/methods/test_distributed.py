@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from diffattr.data import load_digits, split_dataset
 from diffattr.features import Distributed, FeatureStore, ShardedStore
 from diffattr.methods import Scores, attribute, fit_kernel, get_method
 from diffattr.models import Checkpoint, TrainConfig, model_spec, train
 
-from .distributed_worker import FEATURES
+from .distributed_worker import FEATURES, make
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -71,6 +72,39 @@ def test_two_torchrun_processes_give_the_single_process_scores(
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+@pytest.mark.parametrize("method", ["ekfac", "das-ekfac"])
+def test_two_torchrun_processes_share_one_curvature(
+    checkpoint: Checkpoint, tmp_path: Path, method: str
+) -> None:
+    """The curvature's sums are reduced over the ranks; each rank featurises its block."""
+    single = attribute(
+        make(method),
+        [checkpoint],
+        checkpoint.training_data(),
+        checkpoint.heldout_data(),
+        FEATURES,
+        tmp_path / "single",
+        batch_size=8,
+        chunk_size=8,
+        progress=False,
+    )
+    _torchrun(checkpoint, tmp_path / "multi", method)
+    multi = Scores.load(tmp_path / "multi" / "scores" / make(method).name)
+    np.testing.assert_allclose(
+        multi.values, single.values, rtol=1e-4, atol=1e-5 * abs(single.values).max()
+    )
+    estimates = [
+        load_file(next((tmp_path / run / "curvature").glob("*/*/curvature.safetensors")))
+        for run in ("single", "multi")
+    ]
+    assert estimates[0].keys() == estimates[1].keys()
+    for name, value in estimates[0].items():
+        if name.endswith((".a", ".s", ".ekfac")) or name == "rest":
+            np.testing.assert_allclose(estimates[1][name], value, rtol=1e-9, atol=1e-15)
+    parts = sorted(next((tmp_path / "multi" / "features").glob("*/*/train-*")).glob("part-*"))
+    assert [p.name for p in parts] == ["part-000-of-002", "part-001-of-002"]
 
 
 class _UnreducedRank(Distributed):

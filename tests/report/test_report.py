@@ -8,8 +8,9 @@ import pytest
 
 from diffattr._io import read_json
 from diffattr.errors import ConfigError, ReportError
-from diffattr.methods import Scores
-from diffattr.report import RUN_FILE, record_run, write_report
+from diffattr.methods import Scores, record_run
+from diffattr.methods._run import RUN_FILE
+from diffattr.report import write_report
 
 from .helpers import digit_sets, write_heatmaps, write_lds, write_scores
 

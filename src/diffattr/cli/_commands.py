@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,12 @@ import torch.distributed as dist
 
 from diffattr._device import resolve_device
 from diffattr._io import output_lock, write_json
-from diffattr.cli._options import dataclass_from_args, given_options, reject_foreign_options
+from diffattr.cli._options import (
+    dataclass_from_args,
+    features_from_args,
+    given_options,
+    reject_foreign_options,
+)
 from diffattr.data import (
     ImageDataset,
     load_dataset,
@@ -34,19 +39,21 @@ from diffattr.features import (
     FeatureStore,
     PlanConfig,
     ProjectionConfig,
-    choose_backend,
 )
 from diffattr.features._store import MANIFEST_FILE
 from diffattr.methods import (
     DAS,
+    NDA,
     SIGN_CONVENTION,
+    Attribution,
     DASConfig,
+    Method,
+    ModelFreeMethod,
     NDAConfig,
     Scores,
     get_method,
     nda_heatmaps,
-    nda_scores,
-    pixel_cosine_scores,
+    record_run,
     save_heatmap,
 )
 from diffattr.methods import attribute as attribute_images
@@ -57,7 +64,6 @@ from diffattr.models import (
     TrainConfig,
     VAEConfig,
     available_models,
-    build_model,
     load_checkpoint,
     load_pipeline,
     model_spec,
@@ -72,12 +78,11 @@ from diffattr.models import (
     train_vae as train_autoencoder,
 )
 from diffattr.models._checkpoint import CHECKPOINT_FILE
-from diffattr.report import record_run, write_report
+from diffattr.report import write_report
 
 #: The demo's training length: enough for clean digits from unet-tiny (see README for timings).
 DEMO_STEPS = 4000
 #: Methods that need no gradients: the checkpoint only names the training data.
-MODEL_FREE_METHODS = ("nda", "pixel-cos")
 #: The demo's attribution: DAS defaults with 10 uniform timesteps and k = 1024.
 DEMO_TIMESTEPS = 10
 DEMO_PROJ_DIM = 1024
@@ -426,64 +431,79 @@ def _print_npz(path: Path) -> None:
 
 @locking_out
 def attribute(args: argparse.Namespace) -> None:
-    """``diffattr attribute``: score query images against a checkpoint's training images."""
+    """``diffattr attribute``: score query images against a checkpoint's training images.
+
+    A thin layer over :class:`~diffattr.methods.Attribution`: a rerun into the same ``--out``
+    (new ``--queries``, another method) reuses the training features and the method's fit.
+    """
     device = resolve_device(args.device)
     checkpoints = _attributed_models(args)
-    if args.method in MODEL_FREE_METHODS:
-        if _launched_by_torchrun():
-            raise ConfigError(f"--method {args.method} runs in one process, not under torchrun")
-        _attribute_model_free(args, checkpoints, device)
-        return
-    if _launched_by_torchrun():
-        device = _join_process_group(device)
     method_cls = get_method(args.method)
-    reject_foreign_options(args, args.method_options, method_cls.config_cls, args.method)
-    method = method_cls(dataclass_from_args(method_cls.config_cls, args))
+    model_free = issubclass(method_cls, ModelFreeMethod)
+    if _launched_by_torchrun():
+        if model_free:
+            raise ConfigError(f"--method {args.method} runs in one process, not under torchrun")
+        device = _join_process_group(device)
+    method = method_cls(_method_config(args, method_cls))
+    if args.heatmaps and not isinstance(method, NDA):
+        raise ConfigError("--heatmaps applies to --method nda only")
     train_data, queries = _attribution_data(checkpoints[0], args)
     if args.n_queries is not None:
         queries = queries.select(queries.ids[: args.n_queries])
-    backend, projection_kind = _backend(args, checkpoints[0])
-    features = FeatureConfig(
-        plan=PlanConfig(
-            strategy=args.plan, num_steps=args.timesteps, noise=args.noise, seed=args.plan_seed
-        ),
-        projection=ProjectionConfig(
-            kind=projection_kind,
-            dim=args.proj_dim,
-            distribution=args.proj_distribution,
-            seed=args.proj_seed,
-            factored_dim=args.factored_dim,
-            max_memory_mb=args.max_memory_mb,
-        ),
-        parameters=tuple(args.parameters) if args.parameters else None,
-        backend=backend,
-        dtype=args.precision,
-        mixed_precision=args.mixed_precision,
-    )
-    began = time.perf_counter()
-    scores = attribute_images(
-        method,
+    run = Attribution(
+        args.out,
         checkpoints,
         train_data,
-        queries,
-        features,
-        args.out,
+        features_from_args(args),
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         device=str(device),
         progress=not args.quiet,
     )
+    began = time.perf_counter()
+    scores = run.score(method, queries)
     seconds = time.perf_counter() - began
     if Distributed.current().rank != 0:
         return
+    heatmaps = []
+    if isinstance(method, NDA):
+        heatmaps = _save_heatmaps(
+            args, queries, train_data, scores, method.config, checkpoints[0], device
+        )
+    # The command's own record: the queries as named on the command line, and its options.
     record_run(args.out, scores.method, _model_paths(args), args.queries, _command_settings(args))
     _print_top(args, scores)
+    how = (
+        ""
+        if model_free
+        else (
+            f", {_models_text(args, checkpoints)}, {args.timesteps} timesteps, k={args.proj_dim} "
+            f"({scores.settings['features']['backend']} backend)"
+        )
+    )
     print(
         f"{method.name}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
-        f"images, {_models_text(args, checkpoints)}, {args.timesteps} timesteps, "
-        f"k={args.proj_dim} ({features.backend} backend), in {seconds:.0f} s on {device}\n"
-        f"scores: {Path(args.out) / 'scores' / method.name}"
+        f"images{how}, in {seconds:.0f} s on {device}\n"
+        f"scores: {run.layout.scores(method.name)}"
     )
+    if heatmaps:
+        print(f"heatmaps: {len(heatmaps)} files in {heatmaps[0].parent}")
+
+
+def _method_config(args: argparse.Namespace, method_cls: type[Method]) -> Any:
+    """The method's settings from its options; options of other methods are refused."""
+    reject_foreign_options(args, args.method_options, method_cls.config_cls, args.method)
+    if method_cls is NDA:
+        # NDA shares --precision and --max-memory-mb with the features; its timesteps are its own.
+        timesteps = args.nda_timesteps or NDAConfig().timesteps
+        return dataclass_from_args(
+            NDAConfig,
+            args,
+            dtype=args.precision,
+            max_memory_mb=args.max_memory_mb,
+            timesteps=timesteps,
+        )
+    return dataclass_from_args(method_cls.config_cls, args)
 
 
 def _attributed_models(args: argparse.Namespace) -> list[Any]:
@@ -516,28 +536,6 @@ def _model_paths(args: argparse.Namespace) -> list[str]:
     return [args.pipeline] if args.pipeline is not None else list(args.checkpoints)
 
 
-def _backend(args: argparse.Namespace, checkpoint: Any) -> tuple[str, str]:
-    """Resolve --backend and --projection "auto" (see :func:`choose_backend`)."""
-    backend = args.backend
-    if backend == "auto":
-        # The rule needs the architecture only: a checkpoint's is built from its spec, without
-        # reading weights; a pipeline's comes with its weights.
-        if isinstance(checkpoint, Checkpoint):
-            model = build_model(checkpoint.model_spec)
-        else:
-            model = checkpoint.load_model()
-        backend = choose_backend(model, args.parameters).backend
-    projection = args.projection
-    if projection == "auto":
-        projection = "kronecker" if backend == "factored" else "dense"
-    if backend == "factored" and projection != "kronecker":
-        raise ConfigError(
-            f"--backend factored computes Kronecker-projected features; --projection "
-            f"{projection} needs --backend vmap"
-        )
-    return backend, projection
-
-
 def _launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -550,55 +548,6 @@ def _join_process_group(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
-
-
-def _attribute_model_free(
-    args: argparse.Namespace, checkpoints: list[Any], device: torch.device
-) -> None:
-    """NDA and pixel similarity: the checkpoint gives only the training data and noise schedule."""
-    config_cls = NDAConfig if args.method == "nda" else None
-    if config_cls is None:
-        foreign = [n for n in args.method_options if getattr(args, n, None) is not None]
-        reject_foreign_options(args, foreign, _NoSettings, args.method)
-    else:
-        reject_foreign_options(args, args.method_options, config_cls, args.method)
-    train_data, queries = _attribution_data(checkpoints[0], args)
-    if args.n_queries is not None:
-        queries = queries.select(queries.ids[: args.n_queries])
-    began = time.perf_counter()
-    if args.method == "nda":
-        timesteps = args.nda_timesteps or NDAConfig().timesteps
-        config = dataclass_from_args(
-            NDAConfig,
-            args,
-            dtype=args.precision,
-            max_memory_mb=args.max_memory_mb,
-            timesteps=timesteps,
-        )
-        scores = nda_scores(
-            queries,
-            train_data,
-            config,
-            scheduler_config=checkpoints[0].scheduler_config,
-            device=device,
-            progress=not args.quiet,
-        )
-        heatmaps = _save_heatmaps(args, queries, train_data, scores, config, checkpoints[0], device)
-    else:
-        if args.heatmaps:
-            raise ConfigError("--heatmaps applies to --method nda only")
-        scores = pixel_cosine_scores(queries, train_data)
-        heatmaps = []
-    scores.save(Path(args.out) / "scores" / scores.method)
-    record_run(args.out, scores.method, _model_paths(args), args.queries, _command_settings(args))
-    _print_top(args, scores)
-    print(
-        f"{scores.method}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "
-        f"images in {time.perf_counter() - began:.0f} s on {device}\n"
-        f"scores: {Path(args.out) / 'scores' / scores.method}"
-    )
-    if heatmaps:
-        print(f"heatmaps: {len(heatmaps)} files in {heatmaps[0].parent}")
 
 
 def _save_heatmaps(
@@ -634,11 +583,6 @@ def _save_heatmaps(
             save_heatmap(train.select([best]).images[0], train_map, folder / f"{stem}-train.png")
         )
     return paths
-
-
-@dataclass(frozen=True)
-class _NoSettings:
-    """The settings of a method that has none."""
 
 
 def _command_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -38,23 +38,77 @@ def _count(text: str, least: int) -> int:
     return value
 
 
-def add_backend_options(parser: Any) -> None:
-    """``--backend`` and ``--factored-dim``, shared by ``attribute`` and ``plan``."""
-    parser.add_argument(
-        "--backend",
-        choices=["auto", "vmap", "factored"],
-        default="auto",
-        help="auto (default): factored wherever every selected parameter is in a Linear, Conv2d "
-        "or normalisation layer, else vmap (the rule and its measurements: `diffattr plan`, "
-        "benchmarks/README.md); vmap: per-sample gradients, then --projection; factored: "
-        "Kronecker-projected gradients from one batched backward",
-    )
-    parser.add_argument(
-        "--factored-dim",
-        type=int,
-        default=0,
-        help="kronecker: factored features before the sparse map to k (default 0: 64 x k)",
-    )
+#: The command line's feature options: flag -> the FeatureConfig field it sets (a path through
+#: the nested settings). Defaults, types, choices and help all come from the dataclasses.
+FEATURE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "timesteps": ("plan", "num_steps"),
+    "plan": ("plan", "strategy"),
+    "noise": ("plan", "noise"),
+    "plan-seed": ("plan", "seed"),
+    "backend": ("backend",),
+    "projection": ("projection", "kind"),
+    "proj-dim": ("projection", "dim"),
+    "proj-distribution": ("projection", "distribution"),
+    "proj-seed": ("projection", "seed"),
+    "factored-dim": ("projection", "factored_dim"),
+    "max-memory-mb": ("projection", "max_memory_mb"),
+    "precision": ("dtype",),
+    "storage": ("storage",),
+    "mixed-precision": ("mixed_precision",),
+}
+
+
+def _field_of(path: tuple[str, ...]) -> tuple[dataclasses.Field[Any], Any, Any]:
+    """The dataclass field a FEATURE_OPTIONS path names, its type hint and its default."""
+    from diffattr.features import FeatureConfig
+
+    owner: Any = FeatureConfig()
+    for name in path[:-1]:
+        owner = getattr(owner, name)
+    field = {f.name: f for f in dataclasses.fields(owner)}[path[-1]]
+    return field, typing.get_type_hints(type(owner))[path[-1]], getattr(owner, path[-1])
+
+
+def add_feature_options(parser: Any, only: tuple[str, ...] | None = None) -> None:
+    """Add ``FEATURE_OPTIONS`` (or ``only`` those flags), generated from ``FeatureConfig()``.
+
+    The defaults are those of a default ``FeatureConfig``, so the command line and the
+    library never disagree (:func:`features_from_args` builds the settings back).
+    """
+    for flag in only or tuple(FEATURE_OPTIONS):
+        field, hint, default = _field_of(FEATURE_OPTIONS[flag])
+        parse = _parser_for(hint)
+        help_text = f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        parser.add_argument(
+            f"--{flag}",
+            dest=flag.replace("-", "_"),
+            type=parse,
+            default=default,
+            help=help_text,
+            metavar=parse.__name__.upper(),
+        )
+
+
+def features_from_args(args: argparse.Namespace) -> Any:
+    """The ``FeatureConfig`` the feature options (and ``--parameters``) describe."""
+    from diffattr.features import FeatureConfig
+
+    nested: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for flag, path in FEATURE_OPTIONS.items():
+        dest = flag.replace("-", "_")
+        if not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if len(path) == 1:
+            top[path[0]] = value
+        else:
+            nested.setdefault(path[0], {})[path[1]] = value
+    parameters = getattr(args, "parameters", None)
+    base = FeatureConfig()
+    for name, values in nested.items():
+        top[name] = dataclasses.replace(getattr(base, name), **values)
+    return dataclasses.replace(base, **top, parameters=tuple(parameters) if parameters else None)
 
 
 def add_trust_option(parser: argparse.ArgumentParser) -> None:

@@ -16,16 +16,23 @@ from typing import Any
 
 from diffattr._version import __version__
 from diffattr.cli import _commands, _lds, _plan, _report
-from diffattr.cli._commands import MODEL_FREE_METHODS
 from diffattr.cli._options import (
-    add_backend_options,
     add_dataclass_options,
+    add_feature_options,
     add_trust_option,
     non_negative_int,
     positive_int,
 )
 from diffattr.errors import DiffattrError
-from diffattr.methods import METHODS, DASConfig, NDAConfig, TracInConfig
+from diffattr.methods import (
+    METHODS,
+    DASConfig,
+    InfluenceConfig,
+    JourneyTRAKConfig,
+    NDAConfig,
+    TracInConfig,
+    UnlearnConfig,
+)
 from diffattr.models import DEFAULT_STEPS, TrainConfig, VAEConfig, available_models
 
 
@@ -179,9 +186,7 @@ def _add_attribute_parser(commands: Any) -> None:
         help="a prompt template for images without prompts, e.g. 'a handwritten {label}'",
     )
     attribute.add_argument("--out", required=True, help="run directory (features are resumed)")
-    attribute.add_argument(
-        "--method", choices=sorted([*METHODS, *MODEL_FREE_METHODS]), default="das"
-    )
+    attribute.add_argument("--method", choices=sorted(METHODS), default="das")
     attribute.add_argument(
         "--queries",
         default="held-out",
@@ -195,50 +200,12 @@ def _add_attribute_parser(commands: Any) -> None:
         help="axis order of the 4-D images of .npz --queries and --data (default: auto, from "
         "the axis of 1 or 3 entries)",
     )
-    plan = attribute.add_argument_group("timestep plan")
-    plan.add_argument("--timesteps", type=int, default=10, help="K plan steps (default: 10)")
-    plan.add_argument("--plan", choices=["uniform", "cumulative", "random"], default="uniform")
-    plan.add_argument(
-        "--noise",
-        choices=["shared", "per_sample"],
-        default="shared",
-        help="shared: one noise draw per step for every image, so that features compare images "
-        "rather than noise draws (default); per_sample: each image its own draw",
-    )
-    plan.add_argument("--plan-seed", type=int, default=0)
-    projection = attribute.add_argument_group("projection")
-    add_backend_options(projection)
-    projection.add_argument(
-        "--projection",
-        choices=["auto", "dense", "sparse", "identity", "kronecker"],
-        default="auto",
-        help="auto (default): kronecker with the factored backend, dense with vmap",
-    )
-
-    projection.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
-    projection.add_argument(
-        "--proj-distribution", choices=["gaussian", "rademacher"], default="gaussian"
-    )
-    projection.add_argument("--proj-seed", type=int, default=0)
-    projection.add_argument(
-        "--max-memory-mb",
-        type=int,
-        default=4096,
-        help="keep the projection matrix in memory up to this size",
-    )
+    add_feature_options(attribute.add_argument_group("features (FeatureConfig settings)"))
     attribute.add_argument(
         "--parameters",
         nargs="+",
         metavar="GLOB",
         help="only parameters matching these globs (e.g. '*attentions*')",
-    )
-    attribute.add_argument("--precision", choices=["float32", "float64"], default="float32")
-    attribute.add_argument(
-        "--mixed-precision",
-        choices=["none", "bf16", "tf32"],
-        default="none",
-        help="bf16: forward and backward in bfloat16 (projected features within about 1%% of "
-        "float32); tf32: TensorFloat-32 on CUDA; none (default)",
     )
     attribute.add_argument("--batch-size", type=int, default=32)
     attribute.add_argument("--chunk-size", type=int, default=256)
@@ -266,7 +233,14 @@ def _add_attribute_parser(commands: Any) -> None:
         help="NDA's timesteps, comma-separated (default: 100,200,300,400,500)",
     )
     names: list[str] = []
-    for config_cls in (DASConfig, TracInConfig, NDAConfig):
+    for config_cls in (
+        DASConfig,
+        InfluenceConfig,
+        TracInConfig,
+        NDAConfig,
+        JourneyTRAKConfig,
+        UnlearnConfig,
+    ):
         names += add_dataclass_options(attribute, config_cls, skip=("dtype",))
     attribute.add_argument(
         "--learning-rates",

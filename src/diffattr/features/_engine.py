@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -52,7 +52,8 @@ class FeatureConfig:
         default_factory=PlanConfig, metadata={"help": "timesteps and noise seeds"}
     )
     projection: ProjectionConfig = field(
-        default_factory=ProjectionConfig, metadata={"help": "random projection to k dimensions"}
+        default_factory=lambda: ProjectionConfig(kind="auto"),
+        metadata={"help": "random projection to k dimensions (kind auto: the backend's)"},
     )
     parameters: tuple[str, ...] | None = field(
         default=None, metadata={"help": "glob patterns of parameter names (None: all)"}
@@ -63,11 +64,19 @@ class FeatureConfig:
     dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"help": "precision of gradients and projection"}
     )
-    backend: Literal["vmap", "factored"] = field(
-        default="vmap",
+    backend: Literal["auto", "vmap", "factored"] = field(
+        default="auto",
         metadata={
             "help": "vmap: per-sample gradients by torch.func, then the projection; factored: "
-            "kronecker-projected gradients from layer hooks in one batched backward"
+            "kronecker-projected gradients from layer hooks in one batched backward; auto: "
+            "factored wherever it covers the parameters, else vmap (see choose_backend)"
+        },
+    )
+    storage: Literal["compute", "float16"] = field(
+        default="compute",
+        metadata={
+            "help": "dtype of the stored features: compute (that of dtype) or float16 (half the "
+            "disk and memory of float32; its LDS is measured in benchmarks/README.md)"
         },
     )
     mixed_precision: Literal["none", "bf16", "tf32"] = field(
@@ -83,14 +92,23 @@ class FeatureConfig:
             raise ConfigError(
                 f"FeatureConfig.dtype={self.dtype!r} is invalid: must be one of {sorted(_DTYPES)}"
             )
-        if self.backend not in ("vmap", "factored"):
+        if self.backend not in ("auto", "vmap", "factored"):
             raise ConfigError(
-                f"FeatureConfig.backend={self.backend!r} is invalid: must be vmap or factored"
+                f"FeatureConfig.backend={self.backend!r} is invalid: must be auto, vmap or factored"
             )
-        if self.backend == "factored" and self.projection.kind != "kronecker":
+        if self.backend == "factored" and self.projection.kind not in ("auto", "kronecker"):
             raise ConfigError(
-                "FeatureConfig.backend='factored' computes kronecker-projected gradients: it "
-                f"needs projection kind 'kronecker', got {self.projection.kind!r}"
+                "FeatureConfig.backend='factored' computes kronecker-projected gradients: "
+                f"projection kind {self.projection.kind!r} needs backend 'vmap' (on the "
+                f"command line: --projection {self.projection.kind} needs --backend vmap)"
+            )
+        if self.backend == "vmap" and self.projection.kind == "auto":
+            object.__setattr__(self, "projection", replace(self.projection, kind="dense"))
+        if self.backend == "factored" and self.projection.kind == "auto":
+            object.__setattr__(self, "projection", replace(self.projection, kind="kronecker"))
+        if self.storage not in ("compute", "float16"):
+            raise ConfigError(
+                f"FeatureConfig.storage={self.storage!r} is invalid: must be compute or float16"
             )
         if self.mixed_precision not in ("none", "bf16", "tf32"):
             raise ConfigError(
@@ -111,6 +129,35 @@ class FeatureConfig:
                 )
             object.__setattr__(self, "parameters", tuple(self.parameters))
 
+    def resolve(self, model: torch.nn.Module) -> FeatureConfig:
+        """The concrete settings for ``model``: ``backend="auto"`` decided by the backend rule.
+
+        ``auto`` becomes ``factored`` (with the Kronecker projection) when every selected
+        parameter lies in a layer the factored backend covers, else ``vmap`` (with the dense
+        projection, unless another kind was asked for); see :func:`choose_backend`.
+        """
+        if self.backend != "auto":
+            return self
+        if self.projection.kind not in ("auto", "kronecker"):
+            # A projection other than Kronecker needs per-sample gradients: vmap.
+            return replace(self, backend="vmap")
+        from diffattr.features._planner import choose_backend
+
+        backend = choose_backend(model, None if self.parameters is None else list(self.parameters))
+        return replace(self, backend=backend.backend)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the features: :meth:`to_dict` without memory budgets.
+
+        Memory budgets change speed, never the numbers, so a rerun may change them and still
+        find (and resume) the same features.
+        """
+        settings = self.to_dict()
+        settings["projection"] = {
+            k: v for k, v in settings["projection"].items() if k != "max_memory_mb"
+        }
+        return settings
+
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as JSON types (inverse of :meth:`from_dict`)."""
         return {
@@ -121,6 +168,7 @@ class FeatureConfig:
             "normalize": self.normalize,
             "dtype": self.dtype,
             "backend": self.backend,
+            "storage": self.storage,
             "mixed_precision": self.mixed_precision,
         }
 
@@ -157,7 +205,8 @@ def featurize(
         model: Any module called as ``model(x_t, t)``; it is copied, never changed.
         scheduler_config: The noise schedule the model was trained with.
         dataset: The images; rows of the store follow ``dataset.ids``.
-        config: What to compute.
+        config: What to compute; ``backend="auto"`` is resolved for ``model`` first
+            (:meth:`FeatureConfig.resolve`), and the store records the concrete settings.
         path: Store directory. A store there with the same settings is resumed (finished chunks
             are kept); one with other settings is refused.
         model_id: Identifies the weights, e.g. the SHA-256 of a checkpoint's weight file; stores
@@ -183,6 +232,7 @@ def featurize(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} is invalid: must be >= 1")
+    config = config.resolve(model)
     dtype = _DTYPES[config.dtype]
     if config.mixed_precision == "tf32" and torch.device(device).type != "cuda":
         raise ConfigError(f"mixed_precision='tf32' is a CUDA matmul mode; the device is {device}")
@@ -194,7 +244,7 @@ def featurize(
     settings = {
         "model_id": model_id,
         "scheduler": {k_: v for k_, v in scheduler_config.items() if not k_.startswith("_")},
-        "features": _result_settings(config),
+        "features": config.identity(),
         # Names the hash stream too, so stores of another generator version are refused.
         "projector": projector.to_dict(),
         "parameter_count": computer.num_parameters,
@@ -202,7 +252,7 @@ def featurize(
     }
     # Stored in the computation's precision: float64 features keep exactness tests exact.
     arrays = {
-        "features": ((r, k), config.dtype),
+        "features": ((r, k), "float16" if config.storage == "float16" else config.dtype),
         "losses": ((steps,), config.dtype),
         "grad_norms": ((steps,), config.dtype),
         "residuals": ((steps, r), config.dtype),
@@ -380,12 +430,3 @@ def _project(projector: Projector, buffer: list[torch.Tensor]) -> np.ndarray:
     batch, r, p = grads.shape
     projected = projector.project(grads.reshape(batch * r, p)).reshape(batch, r, -1)
     return projected.detach().cpu().numpy()
-
-
-def _result_settings(config: FeatureConfig) -> dict[str, Any]:
-    # Memory limits change speed, never the numbers: leave them out so a resume may change them.
-    settings = config.to_dict()
-    settings["projection"] = {
-        k: v for k, v in settings["projection"].items() if k != "max_memory_mb"
-    }
-    return settings

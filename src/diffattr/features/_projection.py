@@ -51,7 +51,7 @@ __all__ = [
 #: Name of the integer hash stream; change it whenever the numbers it produces change.
 GENERATOR = "lowbias32-v1"
 
-ProjectionKind = Literal["dense", "sparse", "identity", "kronecker"]
+ProjectionKind = Literal["auto", "dense", "sparse", "identity", "kronecker"]
 Distribution = Literal["gaussian", "rademacher"]
 
 _MASK32 = 0xFFFFFFFF
@@ -377,7 +377,8 @@ class ProjectionConfig:
         default="dense",
         metadata={
             "help": "dense random matrix, sparse JL (nnz per coordinate), identity, or "
-            "kronecker (per-layer factors P_out (x) P_in; the factored backend's projection)"
+            "kronecker (per-layer factors P_out (x) P_in; the factored backend's projection); "
+            "auto: the backend's (kronecker for factored, dense for vmap; FeatureConfig decides)"
         },
     )
     distribution: Distribution = field(
@@ -395,7 +396,7 @@ class ProjectionConfig:
         },
     )
     max_memory_mb: int = field(
-        default=2048,
+        default=4096,
         metadata={"help": "keep the projection state in memory up to this size, else regenerate"},
     )
 
@@ -729,6 +730,11 @@ def make_projector(
         raise ConfigError(
             "a kronecker projection follows the model's layers: build it with "
             "KroneckerProjector(KroneckerLayout(model, parameter_names, config))"
+        )
+    if config.kind == "auto":
+        raise ConfigError(
+            "projection kind 'auto' is the backend's choice: resolve it with "
+            "FeatureConfig.resolve(model), or name a kind"
         )
     if config.kind == "identity":
         return IdentityProjector(config, grad_dim, device)

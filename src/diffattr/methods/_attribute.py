@@ -1,28 +1,21 @@
-"""One call from checkpoints and images to scores: featurise (resumable), fit, score, save."""
+"""One call from checkpoints and images to scores: :class:`Attribution` in a single step."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import replace
-from functools import partial
-from pathlib import Path
-
-import numpy as np
 
 from diffattr.data import ImageDataset
-from diffattr.errors import ConfigError, DataError
-from diffattr.features import Distributed, FeatureConfig, featurize, featurize_sharded
-from diffattr.methods._base import AttributionMethod, Features
+from diffattr.errors import ConfigError
+from diffattr.features import FeatureConfig
+from diffattr.methods._base import Method
+from diffattr.methods._run import Attribution
 from diffattr.methods._scores import Scores
-from diffattr.methods._tracin import TracIn
-from diffattr.models import Checkpoint, Pipeline, TrainConfig
+from diffattr.models import Checkpoint, Pipeline
 
 
 def attribute(
-    method: AttributionMethod,
+    method: Method,
     checkpoints: Sequence[Checkpoint | Pipeline],
     train: ImageDataset,
     queries: ImageDataset,
@@ -36,16 +29,12 @@ def attribute(
 ) -> Scores:
     """Attribute ``queries`` to ``train`` with ``method``, over one or more checkpoints.
 
-    Feature stores are kept under ``out_dir/features/<weights>/<settings>/<data>/`` and resumed
-    on a rerun; the scores are saved to ``out_dir/scores/<method>/``.
-
-    Inside an initialised ``torch.distributed`` job (e.g. under torchrun) every rank must call
-    it alike: each featurises its block of the training images into its own part store, the
-    kernel is reduced over the ranks, each rank featurises and scores its block of the queries,
-    and rank 0 gathers and saves the scores, which every rank returns.
+    The same as ``Attribution(out_dir, checkpoints, train, features, ...).score(method,
+    queries)``: features, the method's fit and the scores are kept under ``out_dir`` (see
+    :class:`~diffattr.methods.Attribution`) and reused by a rerun.
 
     Args:
-        method: A configured method, e.g. ``DAS(DASConfig())``.
+        method: A configured method, e.g. ``DAS(DASConfig())`` or ``NDA()``.
         checkpoints: One or more checkpoints (several form an ensemble; TracIn's learning
             rates default to each checkpoint's rate at its step), or a local diffusers
             :class:`~diffattr.models.Pipeline`. Conditional models need prompts on ``train``
@@ -65,87 +54,14 @@ def attribute(
     """
     if not checkpoints:
         raise ConfigError("attribute needs at least one checkpoint")
-    if queries.images.shape[1:] != train.images.shape[1:]:
-        # Checked before any featurisation, which may take long.
-        raise DataError(
-            f"query images {tuple(queries.images.shape[1:])} differ from the training images "
-            f"{tuple(train.images.shape[1:])}"
-        )
-    method_features = method.features(features)
-    out_dir = Path(out_dir)
-    if isinstance(method, TracIn) and method.config.learning_rates is None:
-        rates = tuple(_learning_rate(c) for c in checkpoints)
-        method = type(method)(replace(method.config, learning_rates=rates))
-    distributed = Distributed.current()
-    own_ids = queries.ids[distributed.block(len(queries))]
-    own_queries = queries.select(own_ids) if len(own_ids) else None
-    train_stores: list[Features] = []
-    query_stores: list[Features] = []
-    for checkpoint in checkpoints:
-        model_id = checkpoint.weights_id()
-        model = checkpoint.load_model(device=device)
-        base = out_dir / "features" / model_id[:16] / _settings_tag(method_features)
-        common = {
-            "model_id": model_id,
-            "batch_size": batch_size,
-            "chunk_size": chunk_size,
-            "device": device,
-            "progress": progress,
-        }
-        train_path = base / ("train-" + train.fingerprint()[:16])
-        featurize_train = (
-            partial(featurize_sharded, distributed=distributed) if distributed.active else featurize
-        )
-        train_stores.append(
-            featurize_train(
-                model, checkpoint.scheduler_config, train, method_features, train_path, **common
-            )
-        )
-        if own_queries is not None:
-            query_path = base / ("query-" + own_queries.fingerprint()[:16])
-            query_stores.append(
-                featurize(
-                    model,
-                    checkpoint.scheduler_config,
-                    own_queries,
-                    method_features,
-                    query_path,
-                    **common,
-                )
-            )
-    method.fit(train_stores)
-    local = method.score(query_stores) if own_queries is not None else None
-    scores = _gather(local, distributed)
-    if distributed.rank == 0:
-        scores.save(out_dir / "scores" / method.name)
-    distributed.barrier()
-    return scores
-
-
-def _gather(local: Scores | None, distributed: Distributed) -> Scores:
-    """All ranks' score rows, in rank order (ranks without queries send None)."""
-    pieces = [p for p in distributed.all_gather(local) if p is not None]
-    if len(pieces) == 1:
-        return pieces[0]
-    first = pieces[0]
-    return Scores(
-        values=np.concatenate([p.values for p in pieces]),
-        query_ids=np.concatenate([p.query_ids for p in pieces]),
-        train_ids=first.train_ids,
-        method=first.method,
-        settings={**first.settings, "world_size": distributed.world_size},
+    run = Attribution(
+        out_dir,
+        list(checkpoints),
+        train,
+        features,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        device=device,
+        progress=progress,
     )
-
-
-def _settings_tag(features: FeatureConfig) -> str:
-    digest = hashlib.sha256(json.dumps(features.to_dict(), sort_keys=True).encode()).hexdigest()
-    return f"{features.output.kind}-{digest[:12]}"
-
-
-def _learning_rate(checkpoint: Checkpoint) -> float:
-    training = checkpoint.metadata.get("training")
-    if not training:
-        raise ConfigError(
-            f"{checkpoint.path} records no training recipe: give TracIn's learning_rates"
-        )
-    return TrainConfig.from_dict(training).learning_rate_at(max(checkpoint.step - 1, 0))
+    return run.score(method, queries)

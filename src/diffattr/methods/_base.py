@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any, ClassVar, Self
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
+import torch
 
+from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, StoreMismatchError
 from diffattr.features import FeatureConfig, FeatureStore, ShardedStore
+from diffattr.features._preconditioned import StreamedFeatures
 from diffattr.methods._scores import Scores
 
-#: What methods read features from: one store, or the parts of a distributed featurisation.
-Features = FeatureStore | ShardedStore
+#: What methods read features from: one store, the parts of a distributed featurisation, or
+#: features computed when read (the exact route of the curvature methods).
+Features = FeatureStore | ShardedStore | StreamedFeatures
+#: A method's own featurisation of a dataset, as the training images or as queries.
+Featurizer = Callable[[ImageDataset, Literal["train", "query"]], Features]
 
 
-class AttributionMethod(ABC):
-    """Base of every gradient method.
+class Method(ABC):
+    """Base of every method in the registry: a name and a settings dataclass.
 
-    A method names the output function and normalisation it needs (:meth:`features`); the caller
-    featurises training and query images with that config, one store pair per checkpoint; then
-    ``fit(train_stores).score(query_stores)`` gives :class:`Scores`. Several checkpoints form an
-    ensemble: their scores are averaged (TracIn sums them, weighted by learning rate).
+    Two kinds share it, and :class:`~diffattr.methods.Attribution` runs either:
+    :class:`AttributionMethod` (gradient features of the model) and :class:`ModelFreeMethod`
+    (the images alone, or the noise schedule).
 
     Attributes:
         name: Registry key, e.g. ``"das"``.
@@ -40,12 +46,68 @@ class AttributionMethod(ABC):
                 f"{type(self).__name__} takes a {self.config_cls.__name__}, "
                 f"got {type(self.config).__name__}"
             )
+
+
+class ModelFreeMethod(Method):
+    """A method that scores from the images (and the noise schedule), never the model."""
+
+    @abstractmethod
+    def score_images(
+        self,
+        queries: ImageDataset,
+        train: ImageDataset,
+        *,
+        scheduler_config: dict[str, Any],
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> Scores:
+        """Return the (n_query, n_train) scores of ``queries`` against ``train``."""
+
+
+class AttributionMethod(Method):
+    """Base of every gradient method.
+
+    A method names the output function and normalisation it needs (:meth:`features`); the caller
+    featurises training and query images with that config, one store pair per checkpoint; then
+    ``fit(train_stores).score(query_stores)`` gives :class:`Scores`. Several checkpoints form an
+    ensemble: their scores are averaged (TracIn sums them, weighted by learning rate).
+    """
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
         self._train: list[Features] = []
         self._fit_state: list[Any] = []
 
     @abstractmethod
     def features(self, base: FeatureConfig) -> FeatureConfig:
         """Return ``base`` with the output function and normalisation this method needs."""
+
+    def featurizer(
+        self,
+        model: torch.nn.Module,
+        scheduler_config: dict[str, Any],
+        train: ImageDataset,
+        features: FeatureConfig,
+        out_dir: Path,
+        **options: Any,
+    ) -> Featurizer | None:
+        """A featurisation of the method's own, for methods that need more of the model.
+
+        :func:`~diffattr.methods.attribute` calls it once per checkpoint before featurising.
+        None (the default) means the feature engine's stores; the curvature methods estimate
+        the Gauss-Newton matrix on ``train`` here and return a featuriser that preconditions by
+        it.
+
+        Args:
+            model: The checkpoint's model.
+            scheduler_config: Its noise schedule.
+            train: The training images.
+            features: :meth:`features` of the run's settings.
+            out_dir: The run directory.
+            **options: ``model_id``, ``batch_size``, ``chunk_size``, ``device``, ``progress``
+                and ``distributed``, as :func:`~diffattr.methods.attribute` has them.
+        """
+        return None
 
     @abstractmethod
     def _fit_one(self, train: Features) -> Any:
@@ -57,6 +119,27 @@ class AttributionMethod(ABC):
 
     def _combine(self, per_checkpoint: list[np.ndarray]) -> np.ndarray:
         return np.mean(per_checkpoint, axis=0)
+
+    def _state_to_save(self, state: Any) -> dict[str, Any] | None:
+        """One checkpoint's fitted state as arrays and JSON values; None: not saved."""
+        return {} if state is None else None
+
+    def _state_from_saved(self, saved: dict[str, Any]) -> Any:
+        """Inverse of :meth:`_state_to_save`."""
+        return None
+
+    def saved_state(self) -> list[dict[str, Any]] | None:
+        """The fitted state of every checkpoint, to save; None when the method keeps none."""
+        states = [self._state_to_save(state) for state in self._fit_state]
+        return None if any(state is None for state in states) else states  # type: ignore[misc]
+
+    def restore(self, train: Sequence[Features], saved: list[dict[str, Any]]) -> Self:
+        """Be fitted on ``train`` from :meth:`saved_state` of an earlier fit on the same stores."""
+        self._train = list(train)
+        for store in self._train:
+            self._check_features(store)
+        self._fit_state = [self._state_from_saved(state) for state in saved]
+        return self
 
     def fit(self, train: Features | Sequence[Features]) -> Self:
         """Precompute from the training features, one store per checkpoint."""

@@ -7,19 +7,32 @@ J_i the (r, k) features.
 
 lambda is never tuned on the evaluation queries: it is ``damping`` times the mean eigenvalue of
 Phi^T Phi (trace / k), a scale-free rule, and the value used is recorded with the scores.
+
+DAS can take the Gauss-Newton matrix of the training loss instead of K (``curvature="ekfac"`` or
+``"kfac"``): its features are then preconditioned in the curvature's eigenbasis
+(``features/_preconditioned.py``) and the kernel becomes the identity.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import scipy.linalg
+import torch
 
-from diffattr.errors import ConfigError
+from diffattr.data import ImageDataset
+from diffattr.errors import ConfigError, StoreMismatchError
 from diffattr.features import FeatureConfig, OutputConfig, ShardedStore
-from diffattr.methods._base import AttributionMethod, Features
+from diffattr.features._curvature import CurvatureConfig
+from diffattr.features._preconditioned import (
+    PreconditionedFeaturizer,
+    StreamedFeatures,
+    curvature_features,
+)
+from diffattr.methods._base import AttributionMethod, Features, Featurizer
 
 Transform = Literal["linear", "squared", "signed_square"]
 #: Training rows per block when accumulating the kernel and scoring.
@@ -49,15 +62,61 @@ class KernelConfig:
 
 @dataclass(frozen=True, slots=True)
 class Kernel:
-    """The factorised damped kernel of one checkpoint's training features."""
+    """The factorised damped kernel of one checkpoint's training features.
 
-    factor: tuple[np.ndarray, bool]
+    ``factor`` is None for a kernel restored from its scalars alone (DAS keeps its directions,
+    which already hold K^-1).
+    """
+
+    factor: tuple[np.ndarray, bool] | None
     lam: float
     mean_eigenvalue: float
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """Return K^-1 rhs for rhs of shape (k, m), in float64."""
+        if self.factor is None:
+            raise ConfigError("this kernel was saved without its factor: fit again to solve")
         return scipy.linalg.cho_solve(self.factor, rhs)
+
+
+@dataclass(frozen=True, slots=True)
+class Preconditioned:
+    """The identity kernel of features already preconditioned by a curvature estimate.
+
+    Attributes:
+        lam: The lambda the features were damped with.
+        mean_eigenvalue: The curvature's mean eigenvalue (lambda / damping).
+        preconditioner: The store's record of the preconditioning (kind, damping, scale).
+    """
+
+    lam: float
+    mean_eigenvalue: float
+    preconditioner: dict[str, Any]
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """Return rhs: (G + lambda I)^-1 is already in the features."""
+        return rhs
+
+
+def preconditioned(train: Features, kind: str, damping: float, method: str) -> Preconditioned:
+    """The preconditioning recorded with ``train``'s features, checked against what is wanted.
+
+    Raises:
+        StoreMismatchError: The features were not preconditioned, or with another curvature
+            kind or damping (make them with the method's :meth:`featurizer`, or
+            :func:`~diffattr.methods.attribute`).
+    """
+    record = train.settings.get("projector", {}).get("preconditioner")
+    if not record or record.get("kind") != kind or record.get("damping") != damping:
+        raise StoreMismatchError(
+            f"{train.path}: {method} needs features preconditioned by the {kind} curvature with "
+            f"damping {damping}, found {record}; featurise with the method's featurizer (as "
+            "attribute() does)"
+        )
+    curvature = train.settings["projector"]["curvature"]
+    return Preconditioned(
+        record["lambda"], record["mean_eigenvalue"], record | {"curvature": curvature["sha256"]}
+    )
 
 
 def fit_kernel(features: Any, damping: float) -> Kernel:
@@ -97,6 +156,22 @@ def fit_kernel(features: Any, damping: float) -> Kernel:
     return Kernel(factor=factor, lam=lam, mean_eigenvalue=mean_eigenvalue)
 
 
+def _kernel_saved(kernel: Kernel) -> dict[str, Any]:
+    """A kernel's Cholesky factor and scalars, as :meth:`AttributionMethod.saved_state` keeps."""
+    factor, lower = kernel.factor
+    return {
+        "factor": np.asarray(factor),
+        "lower": bool(lower),
+        "lam": kernel.lam,
+        "mean_eigenvalue": kernel.mean_eigenvalue,
+    }
+
+
+def _kernel_restored(saved: dict[str, Any]) -> Kernel:
+    factor = (np.asarray(saved["factor"]), bool(saved["lower"]))
+    return Kernel(factor=factor, lam=saved["lam"], mean_eigenvalue=saved["mean_eigenvalue"])
+
+
 def _kernel_of(train: Features, damping: float) -> Kernel:
     return fit_kernel(
         train if isinstance(train, ShardedStore) else train.array("features"), damping
@@ -121,6 +196,12 @@ class _KernelMethod(AttributionMethod):
 
     def _fit_one(self, train: Features) -> Kernel:
         return _kernel_of(train, self.config.damping)
+
+    def _state_to_save(self, state: Kernel) -> dict[str, Any]:
+        return _kernel_saved(state)
+
+    def _state_from_saved(self, saved: dict[str, Any]) -> Kernel:
+        return _kernel_restored(saved)
 
     def _score_one(self, state: Kernel, train: Features, query: Features) -> np.ndarray:
         queries = np.asarray(query.array("features"), dtype=np.float64)
@@ -173,6 +254,8 @@ class DTRAK(_KernelMethod):
 
 
 Residual = Literal["signed", "rms", "reference", "none"]
+Curvature = Literal["kernel", "kfac", "ekfac"]
+Route = Literal["exact", "projected"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -201,9 +284,37 @@ class DASConfig(KernelConfig):
             "normalised form; none"
         },
     )
+    curvature: Curvature = field(
+        default="kernel",
+        metadata={
+            "help": "kernel: K = sum_j J_j^T J_j + lambda I of the projected features; ekfac or "
+            "kfac: the training loss's Gauss-Newton matrix estimated by EK-FAC or K-FAC "
+            "(unnormalised features in its eigenbasis, the top eigenvectors to k)"
+        },
+    )
+    ggn: CurvatureConfig = field(
+        default_factory=CurvatureConfig,
+        metadata={"help": "how the Gauss-Newton matrix is estimated (curvature kfac, ekfac)"},
+    )
+    route: Route = field(
+        default="exact",
+        metadata={
+            "help": "K-FAC / EK-FAC: exact (every eigenvector; training gradients streamed "
+            "while scoring, p values per query kept) or projected (the top eigenvectors per "
+            "layer to k, stored features)"
+        },
+    )
 
     def __post_init__(self) -> None:
         KernelConfig.__post_init__(self)
+        if self.curvature not in ("kernel", "kfac", "ekfac"):
+            raise ConfigError(
+                f"curvature={self.curvature!r} is invalid: must be kernel, kfac or ekfac"
+            )
+        if self.route not in ("exact", "projected"):
+            raise ConfigError(f"route={self.route!r} is invalid: must be exact or projected")
+        if not isinstance(self.ggn, CurvatureConfig):
+            raise ConfigError(f"ggn={self.ggn!r} is invalid: must be a CurvatureConfig")
         if self.residual is None:
             # The squared score is an expectation over the noise, where the residual enters as
             # E[r_i^2] = the mean loss; one draw's signed residual estimates it very noisily.
@@ -245,6 +356,11 @@ class DAS(AttributionMethod):
 
     Features use per-step unit-normalised gradients by default (the DAS code's practice); the
     residual of step t is then scaled by the same 1/||g_t||, so J_t^T rho_t keeps its pairing.
+
+    With ``curvature="ekfac"`` (or ``"kfac"``) K is the Gauss-Newton matrix of the training
+    loss in DAS's units, sum_i E_t[J_{i,t}^T J_{i,t}] over the full output, plus lambda I
+    (lambda = damping x its mean eigenvalue), estimated on the training images; features are
+    then unnormalised, since G is in the loss's units.
     """
 
     name = "das"
@@ -256,40 +372,109 @@ class DAS(AttributionMethod):
             num_directions=self.config.num_directions,
             seed=base.output.seed,
         )
-        return replace(base, output=output)
+        if self.config.curvature == "kernel":
+            return replace(base, output=output)
+        return curvature_features(replace(base, output=output))
 
-    def _fit_one(self, train: Features) -> tuple[Kernel, np.ndarray]:
-        features = train.array("features")
-        kernel = _kernel_of(train, self.config.damping)
-        weights = self._residual_weights(train)  # (N, r)
-        n, r, k = features.shape
-        # v_i = K^-1 J_i^T (I - L_ii)^-1 rho_i for every training sample, in blocks.
+    def featurizer(
+        self,
+        model: torch.nn.Module,
+        scheduler_config: dict[str, Any],
+        train: ImageDataset,
+        features: FeatureConfig,
+        out_dir: Path,
+        **options: Any,
+    ) -> Featurizer | None:
+        """With a curvature: estimate it on ``train``, then precondition by it (either route)."""
+        if self.config.curvature == "kernel":
+            return None
+        return PreconditionedFeaturizer(
+            model,
+            scheduler_config,
+            train,
+            features,
+            self.config.ggn,
+            out_dir,
+            kind=self.config.curvature,
+            damping=self.config.damping,
+            exact=self.config.route == "exact",
+            kernel_units=True,
+            **options,
+        )
+
+    def _fit_one(self, train: Features) -> tuple[Kernel | Preconditioned, np.ndarray | None]:
+        kernel: Kernel | Preconditioned
+        if self.config.curvature == "kernel":
+            kernel = _kernel_of(train, self.config.damping)
+        else:
+            kernel = preconditioned(train, self.config.curvature, self.config.damping, self.name)
+        if isinstance(train, StreamedFeatures):
+            # p values per image: the directions are made a block at a time while scoring.
+            return kernel, None
+        n, _, k = train.array("features").shape
         directions = np.empty((n, k))
         for start in range(0, n, _BLOCK):
-            block = np.asarray(features[start : start + _BLOCK], dtype=np.float64)  # (b, r, k)
-            solved = kernel.solve(block.reshape(-1, k).T).T.reshape(block.shape)  # K^-1 J_i^T
-            rho = weights[start : start + len(block)]
-            if self.config.leverage:
-                leverage = np.einsum("brk,bsk->brs", block, solved)
-                rho = np.linalg.solve(np.eye(r) - leverage, rho[..., None])[..., 0]
-            directions[start : start + len(block)] = np.einsum("brk,br->bk", solved, rho)
+            rows = slice(start, min(start + _BLOCK, n))
+            directions[rows] = self._directions(kernel, train, rows)
         return kernel, directions
 
-    def _score_one(
-        self, state: tuple[Kernel, np.ndarray], train: Features, query: Features
+    def _directions(
+        self, kernel: Kernel | Preconditioned, train: Features, rows: slice
     ) -> np.ndarray:
-        _, directions = state
-        queries = np.asarray(query.array("features"), dtype=np.float64)  # (q, r, k)
-        change = np.einsum("qrk,ik->qir", queries, directions)
+        """v_i = K^-1 J_i^T (I - L_ii)^-1 rho_i of the training samples ``rows``: (b, k)."""
+        block = np.asarray(train.array("features")[rows], dtype=np.float64)  # (b, r, k)
+        _, r, k = block.shape
+        solved = kernel.solve(block.reshape(-1, k).T).T.reshape(block.shape)  # K^-1 J_i^T
+        rho = self._residual_weights(train, rows)  # (b, r)
+        if self.config.leverage:
+            leverage = np.einsum("brk,bsk->brs", block, solved)
+            rho = np.linalg.solve(np.eye(r) - leverage, rho[..., None])[..., 0]
+        return np.einsum("brk,br->bk", solved, rho)
+
+    def _score_one(
+        self,
+        state: tuple[Kernel | Preconditioned, np.ndarray | None],
+        train: Features,
+        query: Features,
+    ) -> np.ndarray:
+        kernel, directions = state
+        queries = np.asarray(query.array("features")[:], dtype=np.float64)  # (q, r, k)
+        if directions is None:  # streamed training features: one block of images at a time
+            assert isinstance(train, StreamedFeatures)
+            change = np.empty((len(queries), train.n, queries.shape[1]))
+            for start in range(0, train.n, train.batch_size):
+                rows = slice(start, min(start + train.batch_size, train.n))
+                block = self._directions(kernel, train, rows)
+                change[:, rows] = np.einsum("qrk,ik->qir", queries, block)
+        else:
+            change = np.einsum("qrk,ik->qir", queries, directions)
         if self.config.transform == "squared":
             return (change**2).sum(axis=2)
         return _transform(change[:, :, 0], self.config.transform)
 
-    def _residual_weights(self, train: Features) -> np.ndarray:
-        n = train.n
+    def _state_to_save(
+        self, state: tuple[Kernel | Preconditioned, np.ndarray | None]
+    ) -> dict[str, Any] | None:
+        kernel, directions = state
+        if not isinstance(kernel, Kernel) or directions is None:
+            return None  # preconditioned features: the curvature stage keeps its own state
+        # Scoring needs only the directions (K^-1 is in them); kept in float64, so a rerun
+        # from the saved fit gives the first run's scores bit for bit.
+        return {
+            "lam": kernel.lam,
+            "mean_eigenvalue": kernel.mean_eigenvalue,
+            "directions": directions,
+        }
+
+    def _state_from_saved(self, saved: dict[str, Any]) -> tuple[Kernel, np.ndarray]:
+        kernel = Kernel(factor=None, lam=saved["lam"], mean_eigenvalue=saved["mean_eigenvalue"])
+        return kernel, saved["directions"]
+
+    def _residual_weights(self, train: Features, rows: slice) -> np.ndarray:
+        """Rho of the training samples ``rows``: (b, r)."""
         if self.config.residual == "none":
-            return np.ones((n, 1))
-        losses = np.asarray(train.array("losses"), dtype=np.float64)  # (N, K)
+            return np.ones((rows.stop - rows.start, 1))
+        losses = np.asarray(train.array("losses")[rows], dtype=np.float64)  # (b, K)
         if self.config.residual == "rms":
             return np.sqrt(losses.mean(axis=1, keepdims=True))
         if self.config.residual == "reference":
@@ -297,14 +482,17 @@ class DAS(AttributionMethod):
             root = np.sqrt(losses)
             root /= np.maximum(np.linalg.norm(root, axis=1, keepdims=True), 1e-30)
             return root.mean(axis=1, keepdims=True)
-        residuals = np.asarray(train.array("residuals"), dtype=np.float64)  # (N, K, r)
+        residuals = np.asarray(train.array("residuals")[rows], dtype=np.float64)  # (b, K, r)
         if train.settings["features"]["normalize"]:
-            norms = np.asarray(train.array("grad_norms"), dtype=np.float64)  # (N, K)
+            norms = np.asarray(train.array("grad_norms")[rows], dtype=np.float64)  # (b, K)
             residuals = residuals / np.maximum(norms, 1e-30)[..., None]
         return residuals.mean(axis=1)
 
     def _extra_settings(self) -> dict[str, Any]:
-        return {
+        extra = {
             "lambda": [s[0].lam for s in self._fit_state],
             "mean_eigenvalue": [s[0].mean_eigenvalue for s in self._fit_state],
         }
+        if self.config.curvature != "kernel":
+            extra["preconditioner"] = [s[0].preconditioner for s in self._fit_state]
+        return extra

@@ -5,6 +5,5 @@ recomputes them.
 """
 
 from diffattr.report._report import write_report
-from diffattr.report._run import RUN_FILE, record_run
 
-__all__ = ["RUN_FILE", "record_run", "write_report"]
+__all__ = ["write_report"]

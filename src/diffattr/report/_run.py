@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffattr._io import read_format, read_json, write_json
-from diffattr.data import ImageDataset, load_dataset
+from diffattr._io import read_json
+from diffattr.data import ImageDataset, load_dataset, load_from_source
 from diffattr.errors import ReportError
 from diffattr.methods import Scores
+from diffattr.methods._run import HEATMAPS_DIR, LDS_FILE, RUN_FILE, SCORES_DIR, read_run
 from diffattr.methods._scores import META_FILE as SCORES_META
 from diffattr.models import load_checkpoint
 
-RUN_FILE = "run.json"
-LDS_FILE = "lds.json"
-SCORES_DIR = "scores"
-HEATMAPS_DIR = "heatmaps"
-_FORMAT = "diffattr.run"
-_FORMAT_VERSION = 1
-#: Query specs that name data rather than a path, so they are recorded as given.
-_NAMED_QUERIES = ("held-out", "digits")
 # The names `diffattr attribute --method nda --heatmaps N` gives its files.
 _HEATMAP = re.compile(r"query-(-?\d+)-train-(-?\d+)-(query|train)\.png")
 _LDS_KEYS = ("method", "query_set", "lds", "ci")
@@ -72,55 +65,6 @@ class RunContents:
     heatmaps: dict[int, list[Heatmap]]
     lds: dict[str, Any] | None
     lds_path: Path | None
-
-
-def record_run(
-    run_dir: str | os.PathLike[str],
-    method: str,
-    checkpoints: Sequence[str | os.PathLike[str]],
-    queries: str,
-    settings: dict[str, Any],
-) -> Path:
-    """Add or replace one method's entry in ``RUN_DIR/run.json``, so a report finds its images.
-
-    Scores record sample ids, not where the images are: this file names the checkpoints (whose
-    metadata locates the training images) and the queries. Several methods may share a run
-    directory; each keeps its own entry.
-
-    Args:
-        run_dir: The directory holding ``scores/<method>/``.
-        method: The method's name, as in its scores.
-        checkpoints: The checkpoint directories attributed; the first names the training data.
-        queries: ``"held-out"`` (the first checkpoint's held-out split), ``"digits"``, or a path
-            for :func:`~diffattr.data.load_dataset`, recorded as an absolute path.
-        settings: JSON-serialisable settings of the command.
-
-    Returns:
-        The path of ``run.json``.
-
-    Raises:
-        ReportError: An existing ``run.json`` is unreadable or of another format.
-    """
-    path = Path(run_dir) / RUN_FILE
-    doc = _read_run(path) if path.is_file() else _new_run()
-    doc["methods"][method] = {
-        "checkpoints": [str(Path(c).resolve()) for c in checkpoints],
-        "queries": queries if queries in _NAMED_QUERIES else str(Path(queries).resolve()),
-        "settings": settings,
-    }
-    write_json(path, doc)
-    return path
-
-
-def _new_run() -> dict[str, Any]:
-    return {"format": _FORMAT, "format_version": _FORMAT_VERSION, "methods": {}}
-
-
-def _read_run(path: Path) -> dict[str, Any]:
-    doc = read_format(path, _FORMAT, _FORMAT_VERSION, ReportError)
-    if not isinstance(doc.get("methods"), dict):
-        raise ReportError(f"{path}: no 'methods' object")
-    return doc
 
 
 def load_run(
@@ -191,7 +135,7 @@ def _records(run_dir: Path, methods: list[str]) -> dict[str, dict[str, Any]]:
             f"{path}: missing; it records where the scored images are: rerun diffattr "
             "attribute with this --out to write it"
         )
-    entries = _read_run(path)["methods"]
+    entries = read_run(path, ReportError)["methods"]
     missing = [m for m in methods if m not in entries]
     if missing:
         raise ReportError(f"{path} has no entry for the {missing[0]} scores; rerun its attribute")
@@ -207,24 +151,30 @@ def _reload_images(records: dict[str, dict[str, Any]]) -> tuple[ImageDataset, Im
     for method, entry in records.items():
         path = entry["checkpoints"][0]
         data = entry["settings"].get("data")
+        train_source = entry["settings"].get("train")
         # The axis order given for .npz images (runs from before --layout record none).
         layout = entry["settings"].get("layout", "auto")
         if data is not None:
             # A --pipeline run: its training images were given, a pipeline records none.
             train_sets[path] = load_dataset(data, layout=layout)
+        elif isinstance(train_source, dict):
+            # A run made in Python records its training images' source.
+            train_sets[path] = load_from_source(train_source)
         elif path not in checkpoints:
             # The weights are not needed, only the data the metadata locates: skip hashing them.
             # Trusted because no model is built from it.
             checkpoints[path] = load_checkpoint(path, verify=False, trust_remote_code=True)
             train_sets[path] = checkpoints[path].training_data()
         spec = entry["queries"]
-        key = (spec, path if spec == "held-out" else "")
+        # A dataset given in Python records its reloadable source; the command line its spec.
+        key = (json.dumps(spec, sort_keys=True), path if spec == "held-out" else "")
         if key not in query_sets:
-            query_sets[key] = (
-                checkpoints[path].heldout_data()
-                if spec == "held-out"
-                else load_dataset(spec, layout=layout)
-            )
+            if isinstance(spec, dict):
+                query_sets[key] = load_from_source(spec["source"])
+            elif spec == "held-out":
+                query_sets[key] = checkpoints[path].heldout_data()
+            else:
+                query_sets[key] = load_dataset(spec, layout=layout)
         train_of[method], queries_of[method] = train_sets[path], query_sets[key]
     return _one(train_of, "training images"), _one(queries_of, "queries")
 
