@@ -1,20 +1,27 @@
 """LDS and cost in the LoRA setting: attribution over the adapter's parameters or all of them.
 
-    .venv/bin/python benchmarks/lds_lora.py                     # benchmarks/digits-lora
+    .venv/bin/python benchmarks/lds_lora.py                     # benchmarks/digits-style
+    .venv/bin/python benchmarks/lds_lora.py --benchmark benchmarks/digits-lora  # the retired one
     .venv/bin/python benchmarks/lds_lora.py --timesteps 10 --proj-dim 2048 --threads 1
 
-The benchmark (``build_digits_lora.sh``) is the Stable-Diffusion protocol of D-TRAK and DAS at
-digit scale: a text-conditioned model pretrained on the digits 0-4, a LoRA fine-tune on 5-9, and
-the fine-tune's generations attributed to the fine-tuning set. Every gradient method runs on the
-fine-tuned model with the library's defaults (the backend rule of ``diffattr attribute``, which
-picks the factored backend here). "LoRA parameters" differentiates the adapters only (what a LoRA
-checkpoint's trainable parameters are); "all parameters" differentiates every weight of the
-fine-tuned model (the pretrained weights, the adapters and the prompt encoder). For both DAS rows
-the table gives the featurisation time (training set and both query sets) and its peak memory
+The benchmarks are the Stable-Diffusion protocol of D-TRAK and DAS at digit scale: a
+text-conditioned model pretrained on some digits, a LoRA fine-tune on others, and the
+fine-tune's generations attributed to the fine-tuning set. ``digits-style``
+(``build_digits_style.py``) pretrains on all ten classes and fine-tunes a slanted style;
+``digits-lora`` (``build_digits_lora.sh``, retired) pretrained on 0-4 and fine-tuned on 5-9.
+
+Every gradient method runs on the fine-tuned model with the library's defaults (the backend
+rule of ``diffattr attribute``, which picks the factored backend here). "LoRA parameters"
+differentiates the adapters only (what a LoRA checkpoint's trainable parameters are); "all
+parameters" differentiates every weight of the fine-tuned model (the pretrained weights, the
+adapters and the prompt encoder). For both DAS rows the table gives the featurisation time
+(training set and both query sets) and its peak memory
 over the process's baseline (RSS; CUDA allocator on a GPU).
 
-Writes ``benchmarks/results/lds-digits-lora.json`` and ``.md`` and the table between the
-``<!-- lds:digits-lora -->`` markers of ``benchmarks/README.md``.
+Writes ``benchmarks/results/lds-<benchmark>.json`` and ``.md`` and the table between the
+``<!-- lds:<benchmark> -->`` markers of ``benchmarks/README.md``. The LDS is over the reported
+queries; a benchmark with a calibration split also gets the rows' LDS on its calibration
+queries, in the JSON and below the table.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +45,6 @@ from diffattr.evaluation import LDSBenchmark
 from diffattr.features import (
     FeatureConfig,
     PlanConfig,
-    ProjectionConfig,
-    choose_backend,
     featurize,
 )
 from diffattr.methods import (
@@ -57,7 +62,7 @@ from diffattr.methods import (
     random_scores,
 )
 from diffattr.models import Checkpoint
-from lds_table import HERE, Scorer, markdown, score_rows, write_results
+from lds_table import HERE, Scorer, calibration_rows, markdown, score_rows, write_results
 
 
 @dataclass(frozen=True)
@@ -86,21 +91,23 @@ class AllParameters:
         return model.requires_grad_(True)
 
 
-def features_for(model: nn.Module, args: argparse.Namespace, exact: bool = False) -> FeatureConfig:
-    """The CLI's defaults: the backend rule, and the projection that goes with it.
+def features_for(
+    args: argparse.Namespace,
+    plan: PlanConfig | None = None,
+    parameters: tuple[str, ...] | None = None,
+    dim: int | None = None,
+) -> FeatureConfig:
+    """The library's (and the CLI's) defaults at this T and k: the backend rule decides.
 
-    ``exact``: the unprojected gradients (vmap, identity projection), affordable for a LoRA's
-    few parameters.
+    ``plan``, ``parameters`` and ``dim``: the diagnostic rows' other timesteps, parameter
+    subsets and projection size.
     """
-    plan = PlanConfig(num_steps=args.timesteps)
-    if exact:
-        return FeatureConfig(plan=plan, projection=ProjectionConfig(kind="identity"))
-    backend = choose_backend(model, None).backend
-    kind = "kronecker" if backend == "factored" else "dense"
-    return FeatureConfig(
-        plan=plan,
-        projection=ProjectionConfig(kind=kind, dim=args.proj_dim, max_memory_mb=4096),
-        backend=backend,
+    default = FeatureConfig()
+    return replace(
+        default,
+        plan=plan or PlanConfig(num_steps=args.timesteps),
+        projection=replace(default.projection, dim=dim or args.proj_dim),
+        parameters=parameters,
     )
 
 
@@ -109,7 +116,7 @@ def featurisation_cost(args: argparse.Namespace) -> None:
     benchmark = LDSBenchmark.open(args.benchmark)
     source = AllParameters(benchmark.base) if args.cost == "all" else benchmark.base
     model = source.load_model()
-    settings = DAS(DASConfig()).features(features_for(model, args))
+    settings = DAS(DASConfig()).features(features_for(args)).resolve(model)
     train_data = benchmark.train_data()
     with tempfile.TemporaryDirectory() as folder:
         memory = PeakMemory(torch.device("cpu"))
@@ -141,7 +148,7 @@ def measured_cost(args: argparse.Namespace, which: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--benchmark", default=str(HERE / "digits-lora"))
+    parser.add_argument("--benchmark", default=str(HERE / "digits-style"))
     parser.add_argument("--timesteps", type=int, default=10)
     parser.add_argument("--proj-dim", type=int, default=2048)
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -149,6 +156,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", help="only these row labels")
     parser.add_argument("--cost", choices=["lora", "all"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only featurise and fit (kept under --run), e.g. while the benchmark still builds",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.cost:
@@ -160,8 +172,15 @@ def main() -> None:
     base = benchmark.base
     whole = AllParameters(base)
 
-    def gradient(method: object, source: Any, folder: str, exact: bool = False) -> Scorer:
-        settings = features_for(source.load_model(), args, exact)
+    def gradient(
+        method: object,
+        source: Any,
+        folder: str,
+        plan: PlanConfig | None = None,
+        parameters: tuple[str, ...] | None = None,
+        dim: int | None = None,
+    ) -> Scorer:
+        settings = features_for(args, plan, parameters, dim)
 
         def score(queries: ImageDataset) -> Scores:
             return attribute(
@@ -180,7 +199,6 @@ def main() -> None:
 
     rows: dict[str, Scorer] = {
         "DAS, LoRA parameters": gradient(DAS(DASConfig()), base, "lora"),
-        "DAS, LoRA parameters, unprojected": gradient(DAS(DASConfig()), base, "exact", True),
         "DAS, all parameters": gradient(DAS(DASConfig()), whole, "all"),
         "DAS, LoRA parameters, linear (signed change)": gradient(
             DAS(DASConfig(transform="linear")), base, "lora"
@@ -196,8 +214,30 @@ def main() -> None:
         "pixel cosine": lambda q: pixel_cosine_scores(q, train_data),
         "random": lambda q: random_scores(q, train_data, seed=0),
     }
+    # Diagnostics: where in the adapters and in the diffusion the attribution signal lies.
+    band_rows = {
+        "diagnostic: DAS, t in [0, 300)": range(0, 300, 30),
+        "diagnostic: DAS, t in [300, 700)": range(300, 700, 40),
+        "diagnostic: DAS, t in [700, 1000)": range(700, 1000, 30),
+    }
+    for label, band in band_rows.items():
+        plan = PlanConfig(strategy="explicit", timesteps=tuple(band))
+        rows[label] = gradient(DAS(DASConfig()), base, f"band-{band.start}", plan=plan)
+    rows["diagnostic: DAS, LoRA parameters, k = 8192"] = gradient(
+        DAS(DASConfig()), base, "lora-k8192", dim=8192
+    )
+    for matrix in ("A", "B"):
+        rows[f"diagnostic: DAS, LoRA {matrix} matrices only"] = gradient(
+            DAS(DASConfig()), base, f"lora-{matrix}", parameters=(f"*lora_{matrix}*",)
+        )
     if args.only:
         rows = {label: fn for label, fn in rows.items() if label in args.only}
+    if args.prepare:
+        for label, score in rows.items():
+            for queries in benchmark.queries.values():
+                score(queries)
+            print(f"prepared {label}", flush=True)
+        return
     parameters = {
         "lora": sum(p.numel() for p in base.load_model().parameters() if p.requires_grad),
         "all": sum(p.numel() for p in whole.load_model().parameters()),
@@ -230,7 +270,15 @@ def main() -> None:
         "threads": args.threads,
         "parameters": parameters,
     }
-    write_results("digits-lora", table, settings, results, costs=costs)
+    extra: dict[str, Any] = {"costs": costs}
+    if any(len(benchmark.calibration_ids(name)) for name in benchmark.queries):
+        calibration = calibration_rows(benchmark, list(rows), run, args.bootstrap)
+        table += "\n\nCalibration queries only (for choosing settings; not the reported LDS):\n\n"
+        table += markdown(calibration, args, projection).split("\n\n")[0]
+        extra["calibration"] = [
+            {"label": label, **result.to_dict()} for label, result, _ in calibration
+        ]
+    write_results(benchmark.path.name, table, settings, results, **extra)
 
 
 if __name__ == "__main__":

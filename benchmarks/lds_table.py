@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffattr.data import ImageDataset
@@ -33,12 +34,15 @@ from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig
 from diffattr.methods import (
     DAS,
     DTRAK,
+    EKFAC,
+    KFAC,
     TRAK,
     DASConfig,
     DTRAKConfig,
     GradCos,
     GradDot,
     GradSimConfig,
+    InfluenceConfig,
     NDAConfig,
     ReTrac,
     Scores,
@@ -98,6 +102,10 @@ def methods(
     one_stage = replace(
         factored, projection=replace(factored.projection, factored_dim=args.proj_dim)
     )
+    # Curvature rows project onto eigenvectors, by default within k; these keep 64 k of them.
+    wide = replace(
+        features, projection=replace(features.projection, factored_dim=64 * args.proj_dim)
+    )
 
     def gradient(
         method: object,
@@ -137,6 +145,19 @@ def methods(
         "TRAK": gradient(TRAK(TRAKConfig())),
         "TRAK, squared": gradient(TRAK(TRAKConfig(transform="squared"))),
         "TRAK, factored": gradient(TRAK(TRAKConfig()), settings=factored),
+        # Curvature rows share one K-FAC / EK-FAC estimate (sampled Fisher, K-FAC-expand) of the
+        # base. Exact: every eigenvector, training gradients streamed; projected: the top
+        # eigenvectors per layer within k (one stage), or within 64 k then sparse to k.
+        "K-FAC": gradient(KFAC(InfluenceConfig(route="exact"))),
+        "EK-FAC": gradient(EKFAC(InfluenceConfig(route="exact"))),
+        "EK-FAC, projected": gradient(EKFAC(InfluenceConfig(route="projected"))),
+        "EK-FAC, projected 64k then k": gradient(
+            EKFAC(InfluenceConfig(route="projected")), settings=wide
+        ),
+        "DAS, EK-FAC curvature": gradient(DAS(DASConfig(curvature="ekfac", route="exact"))),
+        "DAS, EK-FAC curvature, projected": gradient(
+            DAS(DASConfig(curvature="ekfac", route="projected"))
+        ),
         "grad-dot": gradient(GradDot(GradSimConfig())),
         "grad-cos": gradient(GradCos(GradSimConfig())),
         "NDA": lambda q: nda_scores(
@@ -156,9 +177,12 @@ def methods(
 #: How the rows of lds_table.py are projected, as the table's footnote says it.
 PROJECTION = (
     "dense Gaussian; the factored rows: the same total k as per-layer Kronecker factors, "
-    "see benchmarks/README.md"
+    "see benchmarks/README.md; the K-FAC / EK-FAC rows: exact, or the curvature's top "
+    "eigenvectors per layer, see docs/methods.md"
 )
 Result = tuple[str, LDSResult, float]
+#: Rows that attribute generated queries only.
+GENERATED_ONLY = {"Journey-TRAK"}
 
 
 def markdown(results: list[Result], args: argparse.Namespace, projection: str = PROJECTION) -> str:
@@ -172,6 +196,9 @@ def markdown(results: list[Result], args: argparse.Namespace, projection: str = 
     for label, entries in by_label.items():
         cells = []
         for name in sets:
+            if name not in entries:
+                cells += ["-", "-"]
+                continue
             result = entries[name]
             share = f"{result.lds / result.ceiling:.0%}" if result.ceiling else "-"
             cells += [f"{result.lds:.3f} [{result.ci[0]:.3f}, {result.ci[1]:.3f}]", share]
@@ -191,18 +218,28 @@ def markdown(results: list[Result], args: argparse.Namespace, projection: str = 
     return "\n".join(lines)
 
 
+def _row_dir(run: Path, label: str, query_set: str) -> Path:
+    # Each row's scores are kept (methods share a name, e.g. the DAS variants).
+    return run / "rows" / re.sub(r"[^a-z0-9]+", "-", label.lower()) / query_set
+
+
 def score_rows(
     benchmark: LDSBenchmark, rows: dict[str, Scorer], run: Path, n_bootstrap: int
 ) -> list[Result]:
-    """Each row's scores on each query set, kept under ``run/rows/``, and their LDS."""
+    """Each row's scores on each query set, kept under ``run/rows/``, and their LDS.
+
+    The LDS is over the reported queries: a benchmark's calibration queries are left out (see
+    :func:`calibration_rows`).
+    """
     results: list[Result] = []
     for label, score in rows.items():
         for query_set, queries in benchmark.queries.items():
+            if label in GENERATED_ONLY and query_set != "generated":
+                continue
             began = time.perf_counter()
             scores = score(queries)
             seconds = time.perf_counter() - began
-            # Each row's scores are kept (methods share a name, e.g. the DAS variants).
-            scores.save(run / "rows" / re.sub(r"[^a-z0-9]+", "-", label.lower()) / query_set)
+            scores.save(_row_dir(run, label, query_set))
             result = lds_score(benchmark, scores, query_set, n_bootstrap=n_bootstrap)
             results.append((label, result, seconds))
             print(
@@ -211,6 +248,28 @@ def score_rows(
                 flush=True,
             )
     return results
+
+
+def calibration_rows(
+    benchmark: LDSBenchmark, labels: list[str], run: Path, n_bootstrap: int
+) -> list[Result]:
+    """The LDS of rows already scored by :func:`score_rows` on the calibration queries only."""
+    return [
+        (
+            label,
+            lds_score(
+                benchmark,
+                Scores.load(_row_dir(run, label, query_set)),
+                query_set,
+                part="calibration",
+                n_bootstrap=n_bootstrap,
+            ),
+            0.0,
+        )
+        for label in labels
+        for query_set in benchmark.queries
+        if label not in GENERATED_ONLY or query_set == "generated"
+    ]
 
 
 def write_results(
@@ -230,6 +289,38 @@ def write_results(
     )
     out.with_suffix(".md").write_text(table + "\n")
     update_readme(name, table)
+
+
+def merged(name: str, results: list[Result]) -> list[Result]:
+    """``results`` in place of the same rows of the recorded results; the other rows kept.
+
+    So that ``--only`` adds or refreshes rows without dropping the rest of the table.
+    """
+    path = HERE / "results" / f"lds-{name}.json"
+    if not path.exists():
+        return results
+    new = {(label, result.query_set): (label, result, s) for label, result, s in results}
+    out = []
+    for record in json.loads(path.read_text())["results"]:
+        key = (record["label"], record["query_set"])
+        out.append(new.pop(key) if key in new else _recorded(record))
+    return out + list(new.values())
+
+
+def _recorded(record: dict[str, Any]) -> Result:
+    result = LDSResult(
+        method=record["method"],
+        query_set=record["query_set"],
+        lds=record["lds"],
+        ci=tuple(record["ci"]),
+        per_query=np.asarray(record["per_query"]),
+        split_half=record["split_half"],
+        ceiling=record["ceiling"],
+        ceiling_basis=record["ceiling_basis"],
+        n_subsets=record["n_subsets"],
+        settings=record["settings"],
+    )
+    return record["label"], result, record["seconds"]
 
 
 def update_readme(name: str, table: str) -> None:
@@ -264,6 +355,8 @@ def main() -> None:
     train_data = benchmark.train_data()
     rows = methods(benchmark, train_data, args, run)
     results = score_rows(benchmark, rows, run, args.bootstrap)
+    if args.only:
+        results = merged(name, results)
     table = markdown(results, args)
     print("\n" + table)
     settings = {"timesteps": args.timesteps, "proj_dim": args.proj_dim, "benchmark": benchmark.id}
