@@ -102,7 +102,9 @@ def test_two_torchrun_processes_share_one_curvature(
     assert estimates[0].keys() == estimates[1].keys()
     for name, value in estimates[0].items():
         if name.endswith((".a", ".s", ".ekfac")) or name == "rest":
-            np.testing.assert_allclose(estimates[1][name], value, rtol=1e-9, atol=1e-15)
+            # Summed over ranks in another order: equal to float64 rounding of the largest entry.
+            scale = float(np.abs(value).max())
+            np.testing.assert_allclose(estimates[1][name], value, rtol=1e-9, atol=1e-12 * scale)
     parts = sorted(next((tmp_path / "multi" / "features").glob("*/*/train-*")).glob("part-*"))
     assert [p.name for p in parts] == ["part-000-of-002", "part-001-of-002"]
 
