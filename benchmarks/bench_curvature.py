@@ -13,9 +13,9 @@ backend in float32 for every row, each row in a fresh subprocess:
   eigenvalues (a second pass), sampled Fisher with one direction per image and step.
 - ``EK-FAC, projected``: the top eigenvectors within k, preconditioned features of the training
   images and queries, scores by inner products (the curvature loaded from the stage's row).
-- ``DAS, EK-FAC curvature``: the same features with DAS's mean output, and DAS's formula.
-- ``EK-FAC, exact``: every eigenvector (k = p), queries kept in memory, training gradients
-  streamed.
+- ``DAS, EK-FAC, projected``: the same features with DAS's mean output, and DAS's formula.
+- ``EK-FAC, exact`` and ``DAS, EK-FAC, exact``: every eigenvector (k = p), queries kept in
+  memory, training gradients streamed.
 
 Columns: wall seconds, the subprocess's peak resident memory (``ru_maxrss``, model and Python
 included), and what the row leaves on disk.
@@ -49,8 +49,9 @@ ROWS = [
     "kernel DAS",
     "curvature stage",
     "EK-FAC, projected",
-    "DAS, EK-FAC curvature",
+    "DAS, EK-FAC, projected",
     "EK-FAC, exact",
+    "DAS, EK-FAC, exact",
 ]
 
 
@@ -103,8 +104,9 @@ def run_row(row: str, args: argparse.Namespace, root: Path) -> None:
     else:
         method = {
             "EK-FAC, projected": EKFAC(InfluenceConfig(route="projected")),
-            "DAS, EK-FAC curvature": DAS(DASConfig(curvature="ekfac")),
+            "DAS, EK-FAC, projected": DAS(DASConfig(curvature="ekfac", route="projected")),
             "EK-FAC, exact": EKFAC(InfluenceConfig(route="exact")),
+            "DAS, EK-FAC, exact": DAS(DASConfig(curvature="ekfac", route="exact")),
         }[row]
         features = method.features(setting["features"])
         # The stage row's estimate is loaded, not recomputed.
@@ -152,7 +154,7 @@ def main() -> None:
     ]
     for row, values in results.items():
         lines.append(
-            f"{row:24s} {values['seconds']:8.1f} {values['peak_mb']:8.0f} {values['disk_mb']:8.1f}"
+            f"{row:24s} {values['seconds']:8.1f} {values['peak_mb']:8.0f} {values['disk_mb']:8.2f}"
         )
     text = "\n".join(lines) + "\n"
     print("\n" + text)
