@@ -103,8 +103,11 @@ def test_two_torchrun_processes_share_one_curvature(
     for name, value in estimates[0].items():
         if name.endswith((".a", ".s", ".ekfac")) or name == "rest":
             # Summed over ranks in another order: equal to float64 rounding of the largest entry.
+            # The eigenvalue correction is projected on an eigenbasis that rounding may rotate
+            # within nearly equal eigenvalues, so its small entries move by more than that.
             scale = float(np.abs(value).max())
-            np.testing.assert_allclose(estimates[1][name], value, rtol=1e-9, atol=1e-12 * scale)
+            atol = (1e-9 if name.endswith(".ekfac") else 1e-12) * scale
+            np.testing.assert_allclose(estimates[1][name], value, rtol=1e-9, atol=atol)
     parts = sorted(next((tmp_path / "multi" / "features").glob("*/*/train-*")).glob("part-*"))
     assert [p.name for p in parts] == ["part-000-of-002", "part-001-of-002"]
 
