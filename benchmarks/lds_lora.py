@@ -50,9 +50,12 @@ from diffattr.features import (
 from diffattr.methods import (
     DAS,
     DTRAK,
+    EKFAC,
+    KFAC,
     TRAK,
     DASConfig,
     DTRAKConfig,
+    InfluenceConfig,
     NDAConfig,
     Scores,
     TRAKConfig,
@@ -62,7 +65,16 @@ from diffattr.methods import (
     random_scores,
 )
 from diffattr.models import Checkpoint
-from lds_table import HERE, Scorer, calibration_rows, markdown, score_rows, write_results
+from lds_table import (
+    HERE,
+    Scorer,
+    _recorded,
+    calibration_rows,
+    markdown,
+    merged,
+    score_rows,
+    write_results,
+)
 
 
 @dataclass(frozen=True)
@@ -96,17 +108,21 @@ def features_for(
     plan: PlanConfig | None = None,
     parameters: tuple[str, ...] | None = None,
     dim: int | None = None,
+    factored_dim: int | None = None,
 ) -> FeatureConfig:
     """The library's (and the CLI's) defaults at this T and k: the backend rule decides.
 
-    ``plan``, ``parameters`` and ``dim``: the diagnostic rows' other timesteps, parameter
-    subsets and projection size.
+    ``plan``, ``parameters``, ``dim`` and ``factored_dim``: the diagnostic rows' other
+    timesteps, parameter subsets and projection sizes.
     """
     default = FeatureConfig()
+    projection = replace(default.projection, dim=dim or args.proj_dim)
+    if factored_dim is not None:
+        projection = replace(projection, factored_dim=factored_dim)
     return replace(
         default,
         plan=plan or PlanConfig(num_steps=args.timesteps),
-        projection=replace(default.projection, dim=dim or args.proj_dim),
+        projection=projection,
         parameters=parameters,
     )
 
@@ -179,8 +195,9 @@ def main() -> None:
         plan: PlanConfig | None = None,
         parameters: tuple[str, ...] | None = None,
         dim: int | None = None,
+        factored_dim: int | None = None,
     ) -> Scorer:
-        settings = features_for(args, plan, parameters, dim)
+        settings = features_for(args, plan, parameters, dim, factored_dim)
 
         def score(queries: ImageDataset) -> Scores:
             return attribute(
@@ -230,6 +247,25 @@ def main() -> None:
         rows[f"diagnostic: DAS, LoRA {matrix} matrices only"] = gradient(
             DAS(DASConfig()), base, f"lora-{matrix}", parameters=(f"*lora_{matrix}*",)
         )
+    # Curvature rows over the LoRA parameters, by digits-mlp's rule (lds_table.py): one K-FAC /
+    # EK-FAC estimate (sampled Fisher, K-FAC-expand, InfluenceConfig's defaults, damping 0.01 x
+    # the mean eigenvalue) of the fine-tuned model. Exact: every eigenvector, training gradients
+    # streamed; projected: the top eigenvectors per layer within k (one stage), or within 64 k
+    # then sparse to k.
+    curvature_rows: dict[str, object] = {
+        "K-FAC": KFAC(InfluenceConfig(route="exact")),
+        "EK-FAC": EKFAC(InfluenceConfig(route="exact")),
+        "EK-FAC, projected": EKFAC(InfluenceConfig(route="projected")),
+        "DAS, EK-FAC curvature": DAS(DASConfig(curvature="ekfac", route="exact")),
+    }
+    for label, method in curvature_rows.items():
+        rows[label] = gradient(method, base, "curvature")
+    rows["EK-FAC, projected 64k then k"] = gradient(
+        EKFAC(InfluenceConfig(route="projected")),
+        base,
+        "curvature",
+        factored_dim=64 * args.proj_dim,
+    )
     if args.only:
         rows = {label: fn for label, fn in rows.items() if label in args.only}
     if args.prepare:
@@ -243,16 +279,23 @@ def main() -> None:
         "all": sum(p.numel() for p in whole.load_model().parameters()),
     }
     results = score_rows(benchmark, rows, run, args.bootstrap)
+    recorded = HERE / "results" / f"lds-{benchmark.path.name}.json"
+    previous = json.loads(recorded.read_text()) if args.only and recorded.exists() else {}
     projection = (
         "the backend rule's choice, factored: per-layer Kronecker factors, then sparse to k"
     )
     table = markdown(results, args, projection)
-    # Each in a fresh process, so that neither pays the other's one-off costs.
-    costs = {which: measured_cost(args, which) for which in ("lora", "all")}
+    # Each in a fresh process, so that neither pays the other's one-off costs. With --only the
+    # recorded costs are kept, unless a DAS row they belong to is rerun.
+    threads = args.threads
+    if previous.get("costs") and not {"DAS, LoRA parameters", "DAS, all parameters"} & set(rows):
+        costs, threads = previous["costs"], previous["settings"]["threads"]
+    else:
+        costs = {which: measured_cost(args, which) for which in ("lora", "all")}
     cost_lines = [
         "",
         f"Featurising the {len(train_data)} training images for DAS (T = {args.timesteps}, "
-        f"k = {args.proj_dim}), each in a fresh process with {args.threads} thread(s):",
+        f"k = {args.proj_dim}), each in a fresh process with {threads} thread(s):",
         "",
         "| DAS over | parameters differentiated | seconds | peak extra MB (RSS) |",
         "|---|---|---|---|",
@@ -267,12 +310,25 @@ def main() -> None:
         "timesteps": args.timesteps,
         "proj_dim": args.proj_dim,
         "benchmark": benchmark.id,
-        "threads": args.threads,
+        "threads": threads,
         "parameters": parameters,
     }
     extra: dict[str, Any] = {"costs": costs}
+    if args.only:
+        # --only adds or refreshes rows; the recorded rest of the table is kept (in order).
+        results = merged(benchmark.path.name, results)
+        table = markdown(results, args, projection) + "\n" + "\n".join(cost_lines)
     if any(len(benchmark.calibration_ids(name)) for name in benchmark.queries):
         calibration = calibration_rows(benchmark, list(rows), run, args.bootstrap)
+        if previous.get("calibration"):
+            # The recorded rows' calibration LDS, in the table's order, with this run's in place.
+            new = {
+                (label, result.query_set): (label, result, s) for label, result, s in calibration
+            }
+            calibration = [
+                new.pop((r["label"], r["query_set"]), None) or _recorded(r)
+                for r in previous["calibration"]
+            ] + list(new.values())
         table += "\n\nCalibration queries only (for choosing settings; not the reported LDS):\n\n"
         table += markdown(calibration, args, projection).split("\n\n")[0]
         extra["calibration"] = [
