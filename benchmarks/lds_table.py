@@ -43,12 +43,16 @@ from diffattr.methods import (
     GradDot,
     GradSimConfig,
     InfluenceConfig,
+    JourneyTRAK,
+    JourneyTRAKConfig,
     NDAConfig,
     ReTrac,
     Scores,
     TracIn,
     TracInConfig,
     TRAKConfig,
+    Unlearn,
+    UnlearnConfig,
     attribute,
     nda_scores,
     pixel_cosine_scores,
@@ -166,12 +170,45 @@ def methods(
         "pixel cosine": lambda q: pixel_cosine_scores(q, train_data),
         "random": lambda q: random_scores(q, train_data, seed=0),
     }
+    rows.update(journey_and_unlearning(benchmark, gradient, run))
     if snapshots:
         rows["TracIn (snapshots)"] = gradient(TracIn(TracInConfig()), snapshots)
         rows["ReTrac (snapshots)"] = gradient(ReTrac(TracInConfig()), snapshots)
     if args.only:
         rows = {label: fn for label, fn in rows.items() if label in args.only}
     return rows
+
+
+def journey_and_unlearning(
+    benchmark: LDSBenchmark, gradient: Callable[..., Scorer], run: Path, das: str = "DAS"
+) -> dict[str, Scorer]:
+    """Journey-TRAK and the unlearning rows (issue 20), with their configs' defaults.
+
+    The benchmark's generated queries were sampled by ``lds init`` with DDPM at its default
+    number of steps and the benchmark's recorded guidance, seeds = ids (``queries/generated.npz``
+    holds them); no ``samples.json`` records the sampler, so Journey-TRAK is told it, and its
+    check that every chain ends on the stored image verifies it. The candidate rows restrict the
+    unlearning loss pass to each query's top M under the ``das`` row's saved scores of the same
+    query set (so that row must be scored first, in the same run).
+    """
+    generation = JourneyTRAKConfig(
+        sampler="ddpm", guidance_scale=float(benchmark.config.guidance_scale)
+    )
+
+    def restricted(top_m: int) -> Scorer:
+        def score(queries: ImageDataset) -> Scores:
+            candidates = _row_dir(run, das, queries.name)
+            config = UnlearnConfig(candidates=str(candidates), top_m=top_m)
+            return gradient(Unlearn(config))(queries)
+
+        return score
+
+    return {
+        "Journey-TRAK": gradient(JourneyTRAK(generation)),
+        "Unlearning": gradient(Unlearn(UnlearnConfig())),
+        "Unlearning, DAS top-50": restricted(50),
+        "Unlearning, DAS top-200": restricted(200),
+    }
 
 
 #: How the rows of lds_table.py are projected, as the table's footnote says it.
