@@ -70,6 +70,7 @@ from lds_table import (
     Scorer,
     _recorded,
     calibration_rows,
+    journey_and_unlearning,
     markdown,
     merged,
     score_rows,
@@ -231,6 +232,12 @@ def main() -> None:
         "pixel cosine": lambda q: pixel_cosine_scores(q, train_data),
         "random": lambda q: random_scores(q, train_data, seed=0),
     }
+    # Issue 20, over the LoRA parameters (the checkpoint's trainable ones) like the DAS row;
+    # the unlearning candidates are that row's saved scores.
+    lora_rows = journey_and_unlearning(
+        benchmark, lambda method: gradient(method, base, "lora"), run, "DAS, LoRA parameters"
+    )
+    rows.update({f"{label}, LoRA parameters": fn for label, fn in lora_rows.items()})
     # Diagnostics: where in the adapters and in the diffusion the attribution signal lies.
     band_rows = {
         "diagnostic: DAS, t in [0, 300)": range(0, 300, 30),

@@ -219,7 +219,7 @@ PROJECTION = (
 )
 Result = tuple[str, LDSResult, float]
 #: Rows that attribute generated queries only.
-GENERATED_ONLY = {"Journey-TRAK"}
+GENERATED_ONLY = {"Journey-TRAK", "Journey-TRAK, LoRA parameters"}
 
 
 def markdown(results: list[Result], args: argparse.Namespace, projection: str = PROJECTION) -> str:
