@@ -155,16 +155,15 @@ def test_latent_models_are_featurised_on_their_latents(tmp_path, backend: str) -
 @pytest.mark.parametrize(("name", "size"), [("cunet-tiny", 8), ("ldm-tiny", 16)])
 def test_plans_probe_conditional_and_latent_models(backend: str, name: str, size: int) -> None:
     model = random_model(lora=True, name=name, size=size)
+    features = FeatureConfig(projection=ProjectionConfig(kind="auto", dim=16), backend=backend)  # type: ignore[arg-type]
     estimate = estimate_featurization(
         model,
         default_scheduler_config(),
+        features,
         image_shape=(1, size, size),
         n_samples=100,
-        timesteps=10,
-        proj_dim=16,
         batch_size=2,
         repeats=1,
-        backend=backend,
     )
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert estimate.parameters == lora

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 
 from diffattr.errors import ConfigError
-from diffattr.features import OutputConfig, estimate_featurization
+from diffattr.features import (
+    FeatureConfig,
+    OutputConfig,
+    PlanConfig,
+    ProjectionConfig,
+    estimate_featurization,
+)
 from diffattr.models import build_model, default_scheduler_config, model_spec
 
 
@@ -12,17 +18,23 @@ def model() -> object:
     return build_model(model_spec("mlp-tiny", in_channels=1, sample_size=8))
 
 
-def _estimate(model: object, **overrides: object) -> object:
-    settings = {
-        "image_shape": (1, 8, 8),
-        "n_samples": 1000,
-        "timesteps": 10,
-        "proj_dim": 64,
-        "batch_size": 4,
-        "repeats": 1,
-    }
+def _estimate(
+    model: object,
+    *,
+    max_memory_mb: int = 4096,
+    output: OutputConfig | None = None,
+    backend: str = "vmap",
+    **overrides: object,
+) -> object:
+    features = FeatureConfig(
+        output=output or OutputConfig(),
+        plan=PlanConfig(num_steps=10),
+        projection=ProjectionConfig(dim=64, max_memory_mb=max_memory_mb),
+        backend=backend,  # type: ignore[arg-type]
+    )
+    settings = {"image_shape": (1, 8, 8), "n_samples": 1000, "batch_size": 4, "repeats": 1}
     settings.update(overrides)
-    return estimate_featurization(model, default_scheduler_config(), **settings)  # type: ignore[arg-type]
+    return estimate_featurization(model, default_scheduler_config(), features, **settings)  # type: ignore[arg-type]
 
 
 def test_estimate_follows_the_shapes_and_the_probe(model: object) -> None:
@@ -62,3 +74,26 @@ def test_output_projection_multiplies_the_features(model: object) -> None:
 def test_bad_sizes_are_refused(model: object) -> None:
     with pytest.raises(ConfigError, match="n_samples=0"):
         _estimate(model, n_samples=0)
+
+
+def test_the_default_settings_plan_the_backend_a_run_would_use(model: object) -> None:
+    # FeatureConfig() resolves "auto" by the backend rule, for the plan as for featurize.
+    estimate = estimate_featurization(
+        model, default_scheduler_config(), image_shape=(1, 8, 8), n_samples=10, repeats=1
+    )
+    assert estimate.backend == FeatureConfig().resolve(model).backend  # type: ignore[arg-type]
+    assert (estimate.timesteps, estimate.proj_dim) == (10, 1024)
+
+
+def test_float16_storage_halves_the_stored_features(model: object) -> None:
+    compute = _estimate(model, n_samples=10)
+    features = FeatureConfig(
+        plan=PlanConfig(num_steps=10),
+        projection=ProjectionConfig(dim=64),
+        backend="vmap",
+        storage="float16",
+    )
+    half = estimate_featurization(
+        model, default_scheduler_config(), features, image_shape=(1, 8, 8), n_samples=10, repeats=1
+    )
+    assert compute.disk_bytes - half.disk_bytes == 10 * 64 * 2  # type: ignore[attr-defined]

@@ -14,7 +14,12 @@ from typing import Any
 import torch
 
 from diffattr._device import resolve_device
-from diffattr.cli._options import add_dataclass_options, add_feature_options, dataclass_from_args
+from diffattr.cli._options import (
+    add_dataclass_options,
+    add_feature_options,
+    dataclass_from_args,
+    features_from_args,
+)
 from diffattr.features import choose_backend, estimate_featurization
 from diffattr.methods._nda import NDAConfig, estimate_nda
 from diffattr.models import (
@@ -48,9 +53,8 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--image-size", type=int, default=8, help="image side (default: 8)")
     parser.add_argument("--n-train", type=int, required=True, help="training images")
     parser.add_argument("--n-queries", type=int, default=100, help="query images (default: 100)")
-    parser.add_argument("--timesteps", type=int, default=10, help="K (default: 10)")
-    parser.add_argument("--proj-dim", type=int, default=1024, help="k (default: 1024)")
-    add_feature_options(parser, only=("backend", "factored-dim"))
+    # The same feature options as `attribute`, so a plan describes the run it precedes.
+    add_feature_options(parser.add_argument_group("features (FeatureConfig settings)"))
     parser.add_argument(
         "--parameters", nargs="+", metavar="GLOB", help="only parameters matching these globs"
     )
@@ -61,7 +65,6 @@ def add_parser(commands: Any) -> None:
         help="plan attribution over LoRA adapters of this rank (what a fine-tune's are)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-memory-mb", type=int, default=4096)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     add_dataclass_options(parser, NDAConfig, skip=("seed", "mask_value"))
@@ -79,31 +82,29 @@ def plan_command(args: argparse.Namespace) -> None:
         spec = spec.with_lora(LoRAConfig(rank=args.lora))
     model = build_model(spec).to(device)
     n = args.n_train + args.n_queries
-    choice = choose_backend(model, args.parameters)
-    backend = choice.backend if args.backend == "auto" else args.backend
+    features = features_from_args(args)
     estimate = estimate_featurization(
         model,
         default_scheduler_config(),
+        features,
         image_shape=(args.channels, args.image_size, args.image_size),
         n_samples=n,
-        timesteps=args.timesteps,
-        proj_dim=args.proj_dim,
         batch_size=args.batch_size,
-        max_memory_mb=args.max_memory_mb,
         device=device,
-        parameters=args.parameters,
-        backend=backend,
-        factored_dim=args.factored_dim,
     )
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
         return
     print(
-        f"{args.model}: {estimate.parameters:,} parameters; {n:,} images x {args.timesteps} "
+        f"{args.model}: {estimate.parameters:,} parameters; {n:,} images x {estimate.timesteps} "
         f"timesteps, k = {estimate.proj_dim}, batch {estimate.batch_size}, on {device}"
     )
-    source = "the default" if args.backend == "auto" else "asked for"
-    print(f"backend: {backend} ({source}; the default rule says {choice.backend}: {choice.reason})")
+    backend = estimate.backend
+    if features.backend == "auto":
+        choice = choose_backend(model, args.parameters)
+        print(f"backend: {backend} (auto: {choice.reason})")
+    else:
+        print(f"backend: {backend} (asked for)")
     if estimate.layout:
         print("per-layer factored features (d_out x d_in -> k_out x k_in):")
         print("\n".join(estimate.layout))

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from diffattr.errors import ConfigError
+from diffattr.features._engine import FeatureConfig
 from diffattr.features._factored import FactoredGradientComputer, refuse_batch_coupling
 from diffattr.features._gradients import GradientComputer, select_parameters
 from diffattr.features._kronecker import KroneckerLayout
-from diffattr.features._outputs import OutputConfig
 from diffattr.features._projection import ProjectionConfig, dense_block
 
 _MB = 1 << 20
@@ -115,68 +115,64 @@ class FeaturePlanEstimate:
 def estimate_featurization(
     model: torch.nn.Module,
     scheduler_config: dict[str, Any],
+    features: FeatureConfig | None = None,
     *,
     image_shape: tuple[int, int, int],
     n_samples: int,
-    timesteps: int,
-    proj_dim: int,
-    output: OutputConfig | None = None,
-    parameters: list[str] | None = None,
     batch_size: int = 32,
-    max_memory_mb: int = 4096,
     projection_buffer_mb: int = 1024,
     device: str | torch.device = "cpu",
     repeats: int = 2,
-    backend: str = "vmap",
-    factored_dim: int = 0,
 ) -> FeaturePlanEstimate:
     """Estimate the cost of featurising ``n_samples`` images, from a short measured probe.
+
+    The settings are those :func:`~diffattr.features.featurize` would get, so a plan and the run
+    it describes cannot disagree: ``backend="auto"`` is resolved for ``model`` by the same rule.
 
     Args:
         model: The model (it is copied by the gradient computer, not changed).
         scheduler_config: Its noise schedule.
+        features: The feature settings (default: ``FeatureConfig()``): the plan's K, k, the
+            output function, the parameters, the backend, the projection's memory budget and
+            the stored precision come from it.
         image_shape: (C, H, W).
         n_samples: Training plus query images to featurise.
-        timesteps: K, plan steps per image.
-        proj_dim: k.
-        output: The output function (default: the loss).
-        parameters: Parameter globs (default: all).
         batch_size: Images per gradient batch (the probe's batch too).
-        max_memory_mb: The projection matrix is kept in memory below this size.
         projection_buffer_mb: Plan-averaged gradients buffered per projection.
         device: Where the probe runs, and the run would.
         repeats: Timed repetitions of each probe (the fastest counts).
-        backend: ``"vmap"`` (dense projection) or ``"factored"`` (kronecker projection; the
-            probe then times :meth:`FactoredGradientComputer.compute_features`, projection
-            included, and the estimate carries the per-layer layout).
-        factored_dim: The factored stage's size (0: 64 k), for the factored backend.
+
+    The factored backend's probe times
+    :meth:`~diffattr.features.FactoredGradientComputer.compute_features`, projection included,
+    and its estimate carries the per-layer layout.
 
     Raises:
-        ConfigError: Non-positive sizes, or an unknown backend.
+        ConfigError: Non-positive sizes.
     """
-    for name, value in (("n_samples", n_samples), ("timesteps", timesteps), ("proj_dim", proj_dim)):
-        if value < 1:
-            raise ConfigError(f"{name}={value} is invalid: must be >= 1")
+    if n_samples < 1:
+        raise ConfigError(f"n_samples={n_samples} is invalid: must be >= 1")
     device = torch.device(device)
-    output = output or OutputConfig()
-    if backend == "factored":
+    features = (features or FeatureConfig()).resolve(model)
+    parameters = None if features.parameters is None else list(features.parameters)
+    timesteps, proj_dim = features.plan.num_steps, features.projection.dim
+    disk = _disk_bytes(n_samples, timesteps, features)
+    if features.backend == "factored":
         return _estimate_factored(
             model,
             scheduler_config,
             image_shape=image_shape,
             n_samples=n_samples,
-            timesteps=timesteps,
-            projection=ProjectionConfig(kind="kronecker", dim=proj_dim, factored_dim=factored_dim),
-            output=output,
-            parameters=parameters,
+            features=features,
+            disk_bytes=disk,
             batch_size=batch_size,
             device=device,
             repeats=repeats,
         )
-    if backend != "vmap":
-        raise ConfigError(f"backend={backend!r} is invalid: must be vmap or factored")
+    output = features.output
+    dtype = torch.float64 if features.dtype == "float64" else torch.float32
+    max_memory_mb = features.projection.max_memory_mb
     computer = GradientComputer(
-        model, scheduler_config, output, parameters, dtype=torch.float32, device=device
+        model, scheduler_config, output, parameters, dtype=dtype, device=device
     )
     p, r = computer.num_parameters, computer.num_outputs
     batch = max(1, min(batch_size, n_samples))
@@ -185,18 +181,20 @@ def estimate_featurization(
         lambda: computer.compute(x0, 500, noise, cond), repeats, device
     )
 
-    matrix_bytes = p * proj_dim * 4
+    itemsize = 8 if dtype == torch.float64 else 4
+    matrix_bytes = p * proj_dim * itemsize
     kept = matrix_bytes <= max_memory_mb * _MB
-    rows = max(1, min(p, (64 * _MB) // (4 * proj_dim)))
+    rows = max(1, min(p, (64 * _MB) // (itemsize * proj_dim)))
+    distribution = features.projection.distribution
     gen_seconds = _fastest(
-        lambda: dense_block(0, range(rows), proj_dim, "gaussian", device=device), repeats, device
+        lambda: dense_block(0, range(rows), proj_dim, distribution, device=device), repeats, device
     )
-    block = dense_block(0, range(rows), proj_dim, "gaussian", device=device)
+    block = dense_block(0, range(rows), proj_dim, distribution, device=device)
     grads = torch.randn((batch * r, rows), device=device)
     mm_seconds = _fastest(lambda: grads @ block, repeats, device)
 
     pairs = n_samples * timesteps
-    buffer_rows = max(batch, (projection_buffer_mb * _MB) // (r * p * 4))
+    buffer_rows = max(batch, (projection_buffer_mb * _MB) // (r * p * itemsize))
     regenerations = 1 if kept else -(-n_samples // buffer_rows)
     seconds = {
         "gradients": grad_seconds / batch * pairs,
@@ -204,12 +202,12 @@ def estimate_featurization(
         "projection_multiply": mm_seconds * (p / rows) * (n_samples / batch),
         "kernel": _kernel_seconds(n_samples, r, proj_dim),
     }
-    per_sample = r * p * 4
+    per_sample = r * p * itemsize
     memory = {
-        "model_and_copy": 2 * p * 4,
+        "model_and_copy": 2 * p * itemsize,
         "per_sample_gradients": measured_peak or 3 * batch * per_sample,
         "gradient_buffer": min(buffer_rows, n_samples) * per_sample,
-        "projection_matrix": matrix_bytes if kept else rows * proj_dim * 4,
+        "projection_matrix": matrix_bytes if kept else rows * proj_dim * itemsize,
         "kernel": 2 * proj_dim**2 * 8,  # Phi^T Phi and its Cholesky factor, float64
     }
     return FeaturePlanEstimate(
@@ -223,7 +221,7 @@ def estimate_featurization(
         device=str(device),
         matrix_kept=kept,
         memory_bytes={k: int(v) for k, v in memory.items()},
-        disk_bytes=_disk_bytes(n_samples, r, proj_dim, timesteps),
+        disk_bytes=disk,
         seconds=seconds,
         probe={
             "seconds_per_gradient_pair": grad_seconds / batch,
@@ -239,16 +237,16 @@ def _estimate_factored(
     *,
     image_shape: tuple[int, int, int],
     n_samples: int,
-    timesteps: int,
-    projection: ProjectionConfig,
-    output: OutputConfig,
-    parameters: list[str] | None,
+    features: FeatureConfig,
+    disk_bytes: int,
     batch_size: int,
     device: torch.device,
     repeats: int,
 ) -> FeaturePlanEstimate:
+    projection, timesteps = features.projection, features.plan.num_steps
+    parameters = None if features.parameters is None else list(features.parameters)
     computer = FactoredGradientComputer(
-        model, scheduler_config, output, projection, parameters, device=device
+        model, scheduler_config, features.output, projection, parameters, device=device
     )
     layout = computer.layout
     p, r, k = computer.num_parameters, computer.num_outputs, computer.proj_dim
@@ -279,7 +277,7 @@ def _estimate_factored(
         device=str(device),
         matrix_kept=True,
         memory_bytes={key: int(value) for key, value in memory.items()},
-        disk_bytes=_disk_bytes(n_samples, r, k, timesteps),
+        disk_bytes=disk_bytes,
         seconds={
             "gradients": seconds_per_batch / batch * n_samples * timesteps,
             "kernel": _kernel_seconds(n_samples, r, k),
@@ -317,9 +315,13 @@ def _probe(fn: Any, repeats: int, device: torch.device) -> tuple[float, int | No
     return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def _disk_bytes(n_samples: int, r: int, k: int, timesteps: int) -> int:
-    # Stored per sample: features (r k), losses and norms (2 K), residuals (K r); float32.
-    return n_samples * (r * k + 2 * timesteps + timesteps * r) * 4
+def _disk_bytes(n_samples: int, timesteps: int, features: FeatureConfig) -> int:
+    # Stored per sample (as featurize lays out a store): features (r k) in the storage dtype;
+    # losses and norms (2 K) and residuals (K r) in the computation's.
+    r, k = features.output.num_outputs, features.projection.dim
+    compute = 8 if features.dtype == "float64" else 4
+    stored = 2 if features.storage == "float16" else compute
+    return n_samples * (r * k * stored + (2 * timesteps + timesteps * r) * compute)
 
 
 def _kernel_seconds(n: int, r: int, k: int) -> float:
