@@ -305,7 +305,7 @@ def test_plan_prints_memory_disk_and_time(capsys: pytest.CaptureFixture[str]) ->
     assert "mlp-tiny: 528,704 parameters; 210 images x 10 timesteps, k = 32" in out
     assert "disk for the feature stores: 0.000 GB" in out
     # The default backend, its reason, and the per-layer feature sizes.
-    assert "backend: factored (the default;" in out
+    assert "backend: factored (auto: all 528,704 selected parameters" in out
     assert "  blocks.0.fc1 " in out
     assert "then sparse (nnz 4) to total k = 32" in out
     vmap = [*argv, "--proj-dim", "32", "--batch-size", "4", "--device", "cpu", "--backend", "vmap"]

@@ -100,11 +100,14 @@ def plan_command(args: argparse.Namespace) -> None:
         f"timesteps, k = {estimate.proj_dim}, batch {estimate.batch_size}, on {device}"
     )
     backend = estimate.backend
+    choice = choose_backend(model, args.parameters)
     if features.backend == "auto":
-        choice = choose_backend(model, args.parameters)
         print(f"backend: {backend} (auto: {choice.reason})")
     else:
-        print(f"backend: {backend} (asked for)")
+        print(
+            f"backend: {backend} (asked for; the default rule says {choice.backend}: "
+            f"{choice.reason})"
+        )
     if estimate.layout:
         print("per-layer factored features (d_out x d_in -> k_out x k_in):")
         print("\n".join(estimate.layout))
