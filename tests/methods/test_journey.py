@@ -18,9 +18,10 @@ from diffattr.data import load_dataset, load_digits, split_dataset
 from diffattr.errors import ConfigError, DataError, ReportError
 from diffattr.features import FeatureConfig, FeatureStore, PlanConfig, ProjectionConfig
 from diffattr.methods import METHODS, Attribution, JourneyTRAK, JourneyTRAKConfig, Scores
-from diffattr.methods._journey import StepScores, step_indices
+from diffattr.methods._journey import StepScores, estimate_journey, step_indices
 from diffattr.models import (
     Checkpoint,
+    DiffusionTask,
     TrainConfig,
     model_spec,
     predict,
@@ -28,7 +29,6 @@ from diffattr.models import (
     save_samples,
     train,
 )
-from diffattr.models._training import diffusion_target
 from diffattr.report._journey import journey_figure
 
 SEEDS = [3, 7, 11]
@@ -105,6 +105,7 @@ def test_query_features_are_the_loss_gradients_at_the_trajectory_states(
     np.testing.assert_array_equal(chosen, [0, 4, 7, 11])
     step_features = np.asarray(store.array("step_features"))
     abar = scheduler.alphas_cumprod.double()
+    task = DiffusionTask(checkpoint.scheduler_config)
     for row, seed in enumerate(SEEDS):
         states = _chain(model, checkpoint.scheduler_config, seed)
         final = states[-1].double()
@@ -112,7 +113,7 @@ def test_query_features_are_the_loss_gradients_at_the_trajectory_states(
             t = int(scheduler.timesteps[index])
             x_t = states[index].double()
             eps = (x_t - abar[t].sqrt() * final) / (1 - abar[t]).sqrt()
-            target = diffusion_target(scheduler, final, eps, torch.tensor([t]))
+            target = task.target(final, eps, torch.tensor([t]))
             loss = (predict(model64, x_t, torch.tensor([t])) - target).square().mean()
             grads = torch.autograd.grad(loss, list(model64.parameters()))
             expected = torch.cat([g.reshape(-1) for g in grads]).numpy()
@@ -243,3 +244,37 @@ def test_command_line(checkpoint: Checkpoint, samples: Path, tmp_path: Path) -> 
     assert steps.values.shape[:2] == (len(SEEDS), 3)
     settings = json.loads((out / "scores" / "journey-trak" / "scores.json").read_text())
     assert settings["settings"]["config"]["journey_steps"] == 3
+
+
+def test_plan_estimate_adds_the_chain_to_the_step_gradients(checkpoint: Checkpoint) -> None:
+    model = checkpoint.load_model()
+    config = JourneyTRAKConfig(journey_steps=4)
+    estimate = estimate_journey(
+        model,
+        checkpoint.scheduler_config,
+        EXACT,
+        config,
+        image_shape=(1, 8, 8),
+        n_train=30,
+        n_queries=5,
+        sampler="ddim",
+        chain_steps=CHAIN,
+        batch_size=4,
+    )
+    per_step = estimate.probe["seconds_per_chain_step_of_batch"]
+    # Two batches (4 + 1) of 12 steps, shared by the 5 queries.
+    assert estimate.seconds_per_query["chain"] == pytest.approx(per_step * CHAIN * 2 / 5)
+    assert all(v > 0 for v in estimate.seconds_per_query.values())
+    assert estimate.seconds_once["training features"] > 0
+    assert estimate.total_seconds == pytest.approx(
+        estimate.seconds_once["training features"] + 5 * estimate.per_query_seconds
+    )
+    with pytest.raises(ConfigError, match="exceeds"):
+        estimate_journey(
+            model,
+            checkpoint.scheduler_config,
+            config=JourneyTRAKConfig(journey_steps=20),
+            image_shape=(1, 8, 8),
+            n_train=30,
+            chain_steps=CHAIN,
+        )

@@ -18,7 +18,7 @@ from diffattr.errors import ConfigError, DataError
 from diffattr.evaluation import query_losses
 from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig
 from diffattr.methods import METHODS, Attribution, GradDot, Scores, Unlearn, UnlearnConfig
-from diffattr.methods._unlearn import ModelImages, mean_losses
+from diffattr.methods._unlearn import ModelImages, estimate_unlearn, mean_losses
 from diffattr.models import Checkpoint, TrainConfig, model_spec, train
 
 K = 8  # loss timesteps
@@ -214,3 +214,29 @@ def test_command_line(checkpoint: Checkpoint, tmp_path: Path) -> None:
     scores = Scores.load(out / "scores" / "unlearn")
     assert scores.values.shape[0] == 2
     assert scores.settings["config"]["loss_timesteps"] == 4
+
+
+def test_plan_estimate_scales_its_probe_to_the_run(checkpoint: Checkpoint) -> None:
+    model = checkpoint.load_model()
+    config = UnlearnConfig(**QUICK)
+    kwargs = {"image_shape": (1, 8, 8), "n_train": 500, "n_queries": 7, "repeats": 1}
+    full = estimate_unlearn(model, checkpoint.scheduler_config, config, **kwargs)
+    probe = full.probe
+    assert full.candidates == 500
+    assert full.seconds_per_query["unlearning"] == pytest.approx(
+        config.steps * probe["seconds_per_ascent_gradient"]
+    )
+    assert full.seconds_per_query["loss pass"] == pytest.approx(
+        500 * K * probe["seconds_per_loss_pair"]
+    )
+    assert full.seconds_once["fisher"] == pytest.approx(8 * probe["seconds_per_fisher_image"])
+    assert full.total_seconds == pytest.approx(
+        sum(full.seconds_once.values()) + 7 * full.per_query_seconds
+    )
+    assert all(v > 0 for v in probe.values())
+    restricted = UnlearnConfig(**QUICK, candidates="elsewhere", top_m=20)
+    few = estimate_unlearn(model, checkpoint.scheduler_config, restricted, **kwargs)
+    assert few.candidates == 20
+    assert few.to_dict()["per_query_seconds"] == few.per_query_seconds
+    with pytest.raises(ConfigError):
+        estimate_unlearn(model, checkpoint.scheduler_config, image_shape=(1, 8, 8), n_train=0)

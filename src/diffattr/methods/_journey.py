@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +39,13 @@ from diffattr._io import read_json, write_npz
 from diffattr._seed import generator
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, DataError, StoreError, StoreMismatchError
-from diffattr.features import FeatureConfig, FeatureStore, featurize
+from diffattr.features import (
+    FeatureConfig,
+    FeatureStore,
+    PlanConfig,
+    estimate_featurization,
+    featurize,
+)
 from diffattr.features._engine import _DTYPES, _computer_and_projector
 from diffattr.features._factored import FactoredGradientComputer
 from diffattr.features._gradients import GradientComputer
@@ -47,7 +54,14 @@ from diffattr.methods._base import Features
 from diffattr.methods._kernel import _BLOCK, Kernel, KernelConfig, _KernelMethod, _transform
 from diffattr.methods._run import RunLayout
 from diffattr.methods._scores import Scores
-from diffattr.models import DEFAULT_STEPS, sample, to_diffusion_space
+from diffattr.models import (
+    DEFAULT_STEPS,
+    DiffusionTask,
+    condition,
+    is_conditional,
+    sample,
+    to_diffusion_space,
+)
 
 #: The per-step scores' file in the method's scores folder.
 STEPS_FILE = "steps.npz"
@@ -378,7 +392,7 @@ class _Journey:
         chosen = step_indices(self.generation.steps, config.journey_steps)
         self.timesteps = chain.timesteps.numpy().astype(np.int64)[chosen]
         self.shape = tuple(to_diffusion_space(model, queries.images[:1].to(device)).shape[1:])
-        self.alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()
+        self.alphas_cumprod = DiffusionTask(scheduler_config).alphas_cumprod
         self.model, self.scheduler_config = model, scheduler_config
         self.queries, self.features, self.config = queries, features, config
         self.batch_size, self.device = batch_size, device
@@ -669,3 +683,158 @@ class _JourneyFeaturizer:
             self.folder / f"journey-{digest}-query-{tag}",
             **self.options,
         )
+
+
+@dataclass(frozen=True)
+class JourneyPlanEstimate:
+    """Expected time of a Journey-TRAK run (:func:`estimate_journey`), in seconds.
+
+    Attributes:
+        n_train: Training images.
+        n_queries: Query images.
+        seconds_once: ``training features`` (the engine's featurisation of the training set,
+            with the kernel) and anything else paid once.
+        seconds_per_query: ``chain`` (re-running the query's generation) and ``step
+            gradients`` (its S projected loss gradients).
+        probe: The measured rates the estimate scales.
+    """
+
+    n_train: int
+    n_queries: int
+    seconds_once: dict[str, float]
+    seconds_per_query: dict[str, float]
+    probe: dict[str, float]
+
+    @property
+    def per_query_seconds(self) -> float:
+        """Seconds per query (the chain and its step gradients)."""
+        return sum(self.seconds_per_query.values())
+
+    @property
+    def total_seconds(self) -> float:
+        """The training side once plus every query."""
+        return sum(self.seconds_once.values()) + self.n_queries * self.per_query_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON types."""
+        return {
+            "method": "journey-trak",
+            "n_train": self.n_train,
+            "n_queries": self.n_queries,
+            "seconds_once": self.seconds_once,
+            "seconds_per_query": self.seconds_per_query,
+            "per_query_seconds": self.per_query_seconds,
+            "total_seconds": self.total_seconds,
+            "probe": self.probe,
+        }
+
+
+def estimate_journey(
+    model: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    features: FeatureConfig | None = None,
+    config: JourneyTRAKConfig | None = None,
+    *,
+    image_shape: tuple[int, int, int],
+    n_train: int,
+    n_queries: int = 1,
+    sampler: str = "ddpm",
+    chain_steps: int | None = None,
+    guidance_scale: float = 1.0,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    probe_steps: int = 4,
+) -> JourneyPlanEstimate:
+    """Estimate the time of Journey-TRAK over ``n_queries`` generated queries, from short probes.
+
+    The training side and each query's S step gradients are featurisations (the engine's
+    :func:`~diffattr.features.estimate_featurization` with the method's feature settings: the
+    training set at the run's K timesteps, the queries at S "timesteps"). The chain re-run is
+    timed by sampling ``min(batch_size, n_queries)`` random seeds for ``probe_steps`` steps of
+    ``sampler`` (with ``guidance_scale``; a conditional model gets the empty prompt), scaled to
+    ``chain_steps`` and to the batches of ``n_queries``.
+
+    Args:
+        model: The model (not changed).
+        scheduler_config: Its noise schedule.
+        features: The run's feature settings (default ``FeatureConfig()``).
+        config: The method's settings (default ``JourneyTRAKConfig()``): S.
+        image_shape: (C, H, W) of the images.
+        n_train: Training images.
+        n_queries: Generated queries.
+        sampler: The queries' sampler, ``"ddpm"`` or ``"ddim"``.
+        chain_steps: Its number of steps (default: the sampler's default).
+        guidance_scale: The queries' classifier-free guidance.
+        batch_size: Chains and gradients per batch.
+        device: Where the probes run, and the run would.
+        probe_steps: Chain steps timed.
+
+    Raises:
+        ConfigError: Bad counts, an unknown sampler, or more journey steps than the chain has.
+    """
+    features = features or FeatureConfig()
+    config = config or JourneyTRAKConfig()
+    for name, value in (("n_train", n_train), ("n_queries", n_queries), ("batch", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= 1")
+    if sampler not in DEFAULT_STEPS:
+        raise ConfigError(f"sampler={sampler!r} is invalid: must be one of {sorted(DEFAULT_STEPS)}")
+    steps = chain_steps or DEFAULT_STEPS[sampler]
+    step_indices(steps, config.journey_steps)  # refuses S > steps
+    settings = JourneyTRAK(config).features(features)
+    train_side = estimate_featurization(
+        model,
+        scheduler_config,
+        settings,
+        image_shape=image_shape,
+        n_samples=n_train,
+        batch_size=batch_size,
+        device=device,
+    )
+    # The queries' S steps cost what S timesteps of the plan cost.
+    query_settings = replace(settings, plan=PlanConfig(num_steps=config.journey_steps))
+    query_side = estimate_featurization(
+        model,
+        scheduler_config,
+        query_settings,
+        image_shape=image_shape,
+        n_samples=n_queries,
+        batch_size=batch_size,
+        device=device,
+    )
+    batch = min(batch_size, n_queries)
+    shape = tuple(to_diffusion_space(model, torch.zeros((1, *image_shape), device=device)).shape)
+    prompts = [""] * batch if is_conditional(model) else None
+    if prompts is not None:
+        condition(model, prompts)  # checked before timing
+    timed = min(probe_steps, steps)
+
+    def chain() -> None:
+        sample(
+            model,
+            scheduler_config,
+            list(range(batch)),
+            shape=shape[1:],  # type: ignore[arg-type]
+            sampler=sampler,  # type: ignore[arg-type]
+            num_inference_steps=timed,
+            batch_size=batch,
+            prompts=prompts,
+            guidance_scale=guidance_scale,
+            device=device,
+            progress=False,
+        )
+
+    chain()  # warm-up
+    began = time.perf_counter()
+    chain()
+    seconds_per_step = (time.perf_counter() - began) / timed
+    batches = -(-n_queries // batch)
+    chain_seconds = seconds_per_step * steps * batches / n_queries
+    gradients = query_side.seconds["gradients"] / n_queries
+    return JourneyPlanEstimate(
+        n_train=n_train,
+        n_queries=n_queries,
+        seconds_once={"training features": train_side.total_seconds},
+        seconds_per_query={"chain": chain_seconds, "step gradients": gradients},
+        probe={"seconds_per_chain_step_of_batch": seconds_per_step, "batch": batch},
+    )

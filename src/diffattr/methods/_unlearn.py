@@ -28,13 +28,13 @@ The model is copied (in the features' dtype) and never saved: the checkpoint is 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,7 +46,12 @@ from diffattr.features._engine import _DTYPES
 from diffattr.features._gradients import GradientComputer, select_parameters
 from diffattr.methods._base import AttributionMethod, Features
 from diffattr.methods._scores import Scores
-from diffattr.models import condition, diffusion_target, predict, to_diffusion_space
+from diffattr.models import (
+    DiffusionTask,
+    condition,
+    is_conditional,
+    to_diffusion_space,
+)
 
 #: (image, timestep) pairs per forward pass of the loss passes.
 _PAIRS = 1024
@@ -138,7 +143,7 @@ class ModelImages:
         progress: bool,
     ) -> None:
         self.model = model
-        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.task = DiffusionTask(scheduler_config)
         self.scheduler_config = scheduler_config
         self.dataset = dataset
         self.features = features
@@ -178,7 +183,7 @@ class ModelImages:
 
 def plan_losses(
     model: nn.Module,
-    scheduler: DDPMScheduler,
+    task: DiffusionTask,
     x0: torch.Tensor,
     cond: torch.Tensor | None,
     ids: np.ndarray,
@@ -189,8 +194,8 @@ def plan_losses(
 ) -> torch.Tensor:
     """Each image's diffusion loss summed over plan steps ``first:stop``, divided by the plan's K.
 
-    The LDS ground truth's expression (``query_losses``): x_t by the scheduler's ``add_noise``,
-    the target by :func:`~diffattr.models.diffusion_target`, the noise of step k and image i
+    The LDS ground truth's expression (``query_losses``): the task's loss
+    (:meth:`~diffattr.models.DiffusionTask.losses`), the noise of step k and image i
     ``plan.noise_for(k, [id_i])``. Differentiable; over the whole plan it is the plan's mean loss.
     """
     stop = len(plan) if stop is None else min(stop, len(plan))
@@ -198,10 +203,9 @@ def plan_losses(
     noise = torch.cat([plan.noise_for(k, ids, tuple(x0.shape[1:])) for k in steps]).to(x0)
     t = torch.tensor([plan.timesteps[k] for k in steps for _ in range(batch)], device=x0.device)
     clean = x0.repeat(len(steps), 1, 1, 1)
-    x_t = scheduler.add_noise(clean, noise, t)
     repeated = None if cond is None else cond.repeat(len(steps), *([1] * (cond.ndim - 1)))
-    error = predict(model, x_t, t, repeated) - diffusion_target(scheduler, clean, noise, t)
-    return error.square().flatten(1).mean(1).view(len(steps), batch).sum(0) / len(plan)
+    losses = task.losses(model, clean, noise, t, repeated)
+    return losses.view(len(steps), batch).sum(0) / len(plan)
 
 
 def mean_losses(images: ModelImages, model: nn.Module, rows: np.ndarray, plan: Plan) -> np.ndarray:
@@ -214,9 +218,7 @@ def mean_losses(images: ModelImages, model: nn.Module, rows: np.ndarray, plan: P
             x0, cond = images.x0_and_condition(part)
             ids = images.ids[part]
             total = sum(
-                plan_losses(
-                    model, images.scheduler, x0, cond, ids, plan, first=k, stop=k + _steps(x0)
-                )
+                plan_losses(model, images.task, x0, cond, ids, plan, first=k, stop=k + _steps(x0))
                 for k in range(0, len(plan), _steps(x0))
             )
             out[start : start + len(part)] = torch.as_tensor(total).double().cpu().numpy()
@@ -335,7 +337,7 @@ class Unlearn(AttributionMethod):
     def _score_one(
         self, state: dict[str, Any], train: ModelImages, query: ModelImages
     ) -> np.ndarray:
-        plan = self.config.loss_plan(train.scheduler.config.num_train_timesteps)
+        plan = self.config.loss_plan(train.task.num_train_timesteps)
         chosen = self._candidates(train, query)
         needed = np.unique(np.concatenate(chosen))
         before = np.full(train.n, np.nan)
@@ -379,7 +381,7 @@ class Unlearn(AttributionMethod):
             grads = [torch.zeros_like(p) for p in selected]
             for first in range(0, len(plan), _steps(x0)):
                 loss = plan_losses(
-                    work, query.scheduler, x0, cond, ids, plan, first=first, stop=first + _steps(x0)
+                    work, query.task, x0, cond, ids, plan, first=first, stop=first + _steps(x0)
                 ).sum()
                 for total, g in zip(grads, torch.autograd.grad(loss, selected), strict=True):
                     total.add_(g)
@@ -432,3 +434,178 @@ def _split(flat: np.ndarray, like: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(piece.reshape(tensor.shape).to(tensor))
         start = stop
     return out
+
+
+@dataclass(frozen=True)
+class UnlearnPlanEstimate:
+    """Expected time of an unlearning run (:func:`estimate_unlearn`), in seconds.
+
+    Attributes:
+        n_train: Training images.
+        n_queries: Query images.
+        candidates: Training images given the loss pass per query (N, or ``top_m``).
+        seconds_once: ``fisher`` (the fit) and ``losses before`` (the loss pass before
+            unlearning, over all N: an upper bound with candidates, which need only their union).
+        seconds_per_query: ``unlearning`` (``steps`` gradients of the query's plan loss) and
+            ``loss pass`` (the candidates' plan losses after it).
+        probe: The measured rates the estimate scales.
+    """
+
+    n_train: int
+    n_queries: int
+    candidates: int
+    seconds_once: dict[str, float]
+    seconds_per_query: dict[str, float]
+    probe: dict[str, float]
+
+    @property
+    def per_query_seconds(self) -> float:
+        """Seconds per query."""
+        return sum(self.seconds_per_query.values())
+
+    @property
+    def total_seconds(self) -> float:
+        """The fit and the first loss pass once, plus every query."""
+        return sum(self.seconds_once.values()) + self.n_queries * self.per_query_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON types."""
+        return {
+            "method": "unlearn",
+            "n_train": self.n_train,
+            "n_queries": self.n_queries,
+            "candidates": self.candidates,
+            "seconds_once": self.seconds_once,
+            "seconds_per_query": self.seconds_per_query,
+            "per_query_seconds": self.per_query_seconds,
+            "total_seconds": self.total_seconds,
+            "probe": self.probe,
+        }
+
+
+def estimate_unlearn(
+    model: nn.Module,
+    scheduler_config: dict[str, Any],
+    config: UnlearnConfig | None = None,
+    features: FeatureConfig | None = None,
+    *,
+    image_shape: tuple[int, int, int],
+    n_train: int,
+    n_queries: int = 1,
+    device: str | torch.device = "cpu",
+    repeats: int = 2,
+) -> UnlearnPlanEstimate:
+    """Estimate the time of unlearning attribution, from a short probe on random images.
+
+    Three rates are timed (the fastest of ``repeats`` after a warm-up): one ascent step's
+    gradient of a query's plan loss (``loss_timesteps`` pairs, as :meth:`Unlearn._unlearn`
+    computes it), the plan loss of a batch of images without gradients (per (image, timestep)
+    pair, as the loss passes compute it), and the per-sample gradients of a batch of images for
+    the Fisher. Per query: ``steps`` ascent gradients plus the loss pass over N images (or the
+    config's ``top_m`` with ``candidates``); once: the Fisher of ``fisher_samples`` images and the
+    loss pass before unlearning over N. A conditional model gets the empty prompt.
+
+    Args:
+        model: The model (copied; not changed).
+        scheduler_config: Its noise schedule.
+        config: The method's settings (default ``UnlearnConfig()``).
+        features: The run's feature settings (default ``FeatureConfig()``): the parameters
+            differentiated and the dtype.
+        image_shape: (C, H, W) of the images.
+        n_train: Training images N.
+        n_queries: Query images.
+        device: Where the probe runs, and the run would.
+        repeats: Timed repetitions of each probe.
+
+    Raises:
+        ConfigError: Bad counts.
+    """
+    config = config or UnlearnConfig()
+    features = features or FeatureConfig()
+    for name, value in (("n_train", n_train), ("n_queries", n_queries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= 1")
+    device = torch.device(device)
+    work = nn.Module.to(copy.deepcopy(model), device=device, dtype=_DTYPES[features.dtype])
+    work.eval()
+    task = DiffusionTask(scheduler_config)
+    plan = config.loss_plan(task.num_train_timesteps)
+    dtype = next(work.parameters()).dtype
+    draw = torch.Generator().manual_seed(0)
+    batch = max(1, min(n_train, _PAIRS // len(plan)))
+    images = (torch.rand((batch, *image_shape), generator=draw) * 2 - 1).to(device, dtype)
+    with torch.no_grad():
+        x0 = to_diffusion_space(work, images)
+    conditional = [""] * batch if is_conditional(work) else None
+    cond = condition(work, conditional)
+    cond = None if cond is None else cond.to(device)
+    ids = np.arange(batch)
+    names = select_parameters(work, features.parameters)
+    params = dict(work.named_parameters())
+    selected = [params[name] for name in names]
+
+    def ascent() -> None:
+        one = None if cond is None else cond[:1]
+        per_pass = _steps(x0[:1])
+        for first in range(0, len(plan), per_pass):
+            loss = plan_losses(
+                work, task, x0[:1], one, ids[:1], plan, first=first, stop=first + per_pass
+            ).sum()
+            torch.autograd.grad(loss, selected)
+
+    def losses() -> None:
+        with torch.no_grad():
+            for first in range(0, len(plan), _steps(x0)):
+                plan_losses(work, task, x0, cond, ids, plan, first=first, stop=first + _steps(x0))
+
+    computer = GradientComputer(
+        work,
+        scheduler_config,
+        OutputConfig(kind="loss"),
+        features.parameters,
+        dtype=dtype,
+        device=device,
+    )
+    fisher_batch = min(batch, config.fisher_samples, 32)
+    noise = torch.randn(x0[:fisher_batch].shape, generator=draw).to(device, dtype)
+
+    middle = task.num_train_timesteps // 2
+    fisher_cond = None if cond is None else cond[:fisher_batch]
+
+    def fisher() -> None:
+        computer.compute(x0[:fisher_batch], middle, noise, fisher_cond)
+
+    ascent_seconds = _fastest_seconds(ascent, repeats)
+    per_pair = _fastest_seconds(losses, repeats) / (batch * len(plan))
+    per_fisher_image = _fastest_seconds(fisher, repeats) / fisher_batch
+    candidates = n_train if config.candidates is None else min(config.top_m, n_train)
+    pass_seconds = per_pair * len(plan)
+    return UnlearnPlanEstimate(
+        n_train=n_train,
+        n_queries=n_queries,
+        candidates=candidates,
+        seconds_once={
+            "fisher": per_fisher_image * min(config.fisher_samples, n_train),
+            "losses before": pass_seconds * n_train,
+        },
+        seconds_per_query={
+            "unlearning": config.steps * ascent_seconds,
+            "loss pass": pass_seconds * candidates,
+        },
+        probe={
+            "seconds_per_ascent_gradient": ascent_seconds,
+            "seconds_per_loss_pair": per_pair,
+            "seconds_per_fisher_image": per_fisher_image,
+        },
+    )
+
+
+def _fastest_seconds(fn: Any, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn``, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        began = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - began)
+    return best
