@@ -3,7 +3,8 @@
 Run: ``.venv/bin/python benchmarks/bench_nda.py [--sizes 8 16] [--queries 4 1] [--top-k 100 0]
 [--threads 0] [--device cpu] [--out benchmarks/results/nda.json]`` (a few minutes on 2 CPU cores),
 and ``... bench_nda.py --scale [--scale-n 250 500 1000 2000] [--target-n 50000]`` for the
-32x32 RGB row.
+32x32 RGB row. Both write to ``--out``, each replacing only its own keys (``rows`` and
+``args``; ``scale`` and ``scale_args``).
 
 On the digits (the first 1617 images as the training set, the next ones as queries), at each
 image size and top-K (0: all positions; a top-K >= H W is the same and is skipped) it times
@@ -510,18 +511,20 @@ def main() -> None:
         return
     if args.scale:
         args.threads = args.threads[0]
-        result = _scale(args)
-        _print_scale(result)
+        result = {"scale": _scale(args), "scale_args": vars(args)}
+        _print_scale(result["scale"])
     else:
-        result = {"rows": []}
+        result = {"rows": [], "args": vars(args)}
         for threads in args.threads:
             rows = _compare(_with_threads(args, threads))
             _print_compare(args, rows)
             result["rows"] += rows
     if args.out:
+        # The comparison and the scale run share one file: each replaces only its own keys.
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**result, "args": vars(args)}, indent=2) + "\n")
+        kept = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")
         print(f"wrote {out}")
 
 
