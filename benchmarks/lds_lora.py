@@ -69,6 +69,7 @@ from lds_table import (
     HERE,
     Scorer,
     _recorded,
+    _row_dir,
     calibration_rows,
     journey_and_unlearning,
     markdown,
@@ -163,6 +164,16 @@ def measured_cost(args: argparse.Namespace, which: str) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _kept(run: Path, label: str, score: Scorer) -> Scorer:
+    """``score``, but scores kept by an earlier run under ``run/rows`` are read back."""
+
+    def kept(queries: ImageDataset) -> Scores:
+        folder = _row_dir(run, label, queries.name)
+        return Scores.load(folder) if folder.is_dir() else score(queries)
+
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", default=str(HERE / "digits-style"))
@@ -172,6 +183,12 @@ def main() -> None:
     parser.add_argument("--run", default="runs/lds-lora", help="feature stores")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", help="only these row labels")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read back the rows' scores kept under --run/rows (from an earlier run of the same "
+        "settings) instead of computing them",
+    )
     parser.add_argument("--cost", choices=["lora", "all"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--prepare",
@@ -275,6 +292,8 @@ def main() -> None:
     )
     if args.only:
         rows = {label: fn for label, fn in rows.items() if label in args.only}
+    if args.reuse:
+        rows = {label: _kept(run, label, fn) for label, fn in rows.items()}
     if args.prepare:
         for label, score in rows.items():
             for queries in benchmark.queries.values():
@@ -333,7 +352,7 @@ def main() -> None:
                 (label, result.query_set): (label, result, s) for label, result, s in calibration
             }
             calibration = [
-                new.pop((r["label"], r["query_set"]), None) or _recorded(r)
+                new.pop((r["label"], r["query_set"]), None) or _recorded({"seconds": 0.0, **r})
                 for r in previous["calibration"]
             ] + list(new.values())
         table += "\n\nCalibration queries only (for choosing settings; not the reported LDS):\n\n"
