@@ -33,7 +33,6 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from diffattr._config import check_fields, is_int, known_fields
@@ -54,11 +53,10 @@ from diffattr.evaluation._retrain import recorded_init, recorded_recipe, retrain
 from diffattr.features import Plan, PlanConfig
 from diffattr.models import (
     Checkpoint,
+    DiffusionTask,
     TrainConfig,
     condition,
-    diffusion_target,
     load_checkpoint,
-    predict,
     sample_checkpoint,
     save_checkpoint,
     to_diffusion_space,
@@ -236,7 +234,7 @@ def query_losses(
         (R, Q) float64 losses: the mean squared error of the model's prediction against the
         scheduler's target, over pixels and the plan's timesteps.
     """
-    scheduler = DDPMScheduler.from_config(scheduler_config)
+    task = DiffusionTask(scheduler_config)
     x0 = to_diffusion_space(model, queries.images.to(device))
     cond = condition(model, queries.prompts)
     n_queries = len(queries)
@@ -252,10 +250,8 @@ def query_losses(
                 [plan.timesteps[k] for k in steps for _ in range(n_queries)], device=device
             )
             clean = x0.repeat(len(steps), 1, 1, 1)
-            x_t = scheduler.add_noise(clean, eps, t)
             repeated = None if cond is None else cond.repeat(len(steps), *([1] * (cond.ndim - 1)))
-            error = predict(model, x_t, t, repeated) - diffusion_target(scheduler, clean, eps, t)
-            per_pair = error.pow(2).flatten(1).mean(1).double()
+            per_pair = task.losses(model, clean, eps, t, repeated).double()
             total += per_pair.view(len(steps), n_queries).sum(0)
         out[r] = (total / len(plan)).cpu().numpy()
     return out

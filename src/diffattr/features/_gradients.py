@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
@@ -17,14 +16,13 @@ from diffattr._config import is_int
 from diffattr.errors import ConfigError, DataError
 from diffattr.features._outputs import OutputConfig, OutputFunction
 from diffattr.models import (
+    DiffusionTask,
     condition,
     is_conditional,
     model_setting,
     predict,
     to_diffusion_space,
 )
-
-_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def select_parameters(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
@@ -158,15 +156,8 @@ class GradientComputer:
         self._in_channels = int(channels) if is_int(channels) else None
         self._sample_size = _expected_size(self._model)
 
-        scheduler = DDPMScheduler.from_config(scheduler_config)
-        self._prediction_type = scheduler.config.prediction_type
-        if self._prediction_type not in _PREDICTION_TYPES:
-            raise ConfigError(
-                f"scheduler prediction_type={self._prediction_type!r} is invalid: must be one "
-                f"of {list(_PREDICTION_TYPES)}"
-            )
-        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self._alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        self._task = DiffusionTask(scheduler_config)
+        self.num_train_timesteps = self._task.num_train_timesteps
 
         self._output = output
         self.num_outputs = output.num_outputs
@@ -210,7 +201,8 @@ class GradientComputer:
     ) -> GradientBatch:
         """Return each sample's output gradients and diffusion loss at ``timestep``.
 
-        The noisy input is x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, and each sample's
+        The noisy input and the target are the task's (:class:`~diffattr.models.DiffusionTask`):
+        x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, and each sample's
         prediction is ``predict(model, x_t[None], t[None])`` (batch of one, so batch-coupled
         layers cannot mix samples). Peak memory is about 2 * B * r * p values (the per-parameter
         gradients and their concatenation), so choose B for the model's size.
@@ -258,25 +250,12 @@ class GradientComputer:
         self, x0: torch.Tensor, timestep: int, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the inputs and return (x_t, training target), in the computer's dtype/device."""
-        if isinstance(timestep, bool) or not isinstance(timestep, int):
-            raise ConfigError(f"timestep={timestep!r} is invalid: must be an integer")
-        if not 0 <= timestep < self.num_train_timesteps:
-            raise ConfigError(
-                f"timestep={timestep} is invalid: must be in [0, {self.num_train_timesteps})"
-            )
+        self._task.check_timestep(timestep)
         self._check_images(x0, noise)
         x0 = x0.detach().to(device=self.device, dtype=self.dtype)
         noise = noise.detach().to(device=self.device, dtype=self.dtype)
-        abar = self._alphas_cumprod[timestep]
-        signal, sigma = float(abar.sqrt()), float((1 - abar).sqrt())
-        x_t = signal * x0 + sigma * noise
-        if self._prediction_type == "epsilon":
-            target = noise
-        elif self._prediction_type == "v_prediction":
-            target = signal * noise - sigma * x0
-        else:
-            target = x0
-        return x_t, target
+        t = torch.full((len(x0),), timestep, device=self.device)
+        return self._task.noised(x0, noise, t), self._task.target(x0, noise, t)
 
     def _empty(self, width: int) -> GradientBatch:
         like = {"dtype": self.dtype, "device": self.device}

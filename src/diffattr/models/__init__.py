@@ -33,10 +33,10 @@ from diffattr.models._registry import (
     predict,
 )
 from diffattr.models._sampling import DEFAULT_STEPS, sample, sample_checkpoint, save_samples
+from diffattr.models._task import PREDICTION_TYPES, DiffusionTask
 from diffattr.models._training import (
     TrainConfig,
     default_scheduler_config,
-    diffusion_target,
     train,
 )
 from diffattr.models._vae import (
@@ -49,8 +49,10 @@ from diffattr.models._vae import (
 
 __all__ = [
     "DEFAULT_STEPS",
+    "PREDICTION_TYPES",
     "BytePromptEncoder",
     "Checkpoint",
+    "DiffusionTask",
     "FrozenTextEncoder",
     "LoRAConfig",
     "ModelSpec",
@@ -67,7 +69,6 @@ __all__ = [
     "decode_latents",
     "default_scheduler_config",
     "diffusion_shape",
-    "diffusion_target",
     "downsampling_factor",
     "encode_latents",
     "is_conditional",

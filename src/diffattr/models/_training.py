@@ -38,6 +38,7 @@ from diffattr.models._registry import (
     load_weights,
     predict,
 )
+from diffattr.models._task import DiffusionTask
 from diffattr.models._vae import vae_latent_scale
 
 
@@ -184,7 +185,7 @@ def train(
     """
     out_dir = Path(out_dir)
     scheduler_config = scheduler_config or default_scheduler_config()
-    scheduler = DDPMScheduler.from_config(scheduler_config)
+    task = DiffusionTask(scheduler_config)
     metadata = {
         "training": config.to_dict(),
         "dataset": dataset.describe(),
@@ -225,11 +226,12 @@ def train(
         index = order[position * batch_size : (position + 1) * batch_size].to(device)
         x0 = images[index]
         draw = generator(config.seed, "train-noise", step)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=draw)
+        t = torch.randint(0, task.num_train_timesteps, (batch_size,), generator=draw)
         noise = torch.randn(x0.shape, generator=draw).to(device)
         t = t.to(device)
-        x_t = scheduler.add_noise(x0, noise, t)
-        target = diffusion_target(scheduler, x0, noise, t)
+        # The batch mean of mse_loss, not task.losses' per-image means: bit-identical to diffusers.
+        x_t = task.noised(x0, noise, t)
+        target = task.target(x0, noise, t)
         batch_cond = None
         if cond is not None and empty is not None:
             dropped = torch.rand(batch_size, generator=generator(config.seed, "train-drop", step))
@@ -355,20 +357,6 @@ def _load_autoencoder(model: torch.nn.Module, spec: ModelSpec, init: Checkpoint)
             f"autoencoder's ({scale}): build the spec with latent_scale={scale}"
         )
     load_weights(vae, init.load_state("model"), f"{init.path}: autoencoder weights")
-
-
-def diffusion_target(
-    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """The regression target of the diffusion loss for the scheduler's ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if kind == "sample":
-        return x0
-    raise ConfigError(f"unsupported prediction_type {kind!r}: use epsilon, v_prediction or sample")
 
 
 class _Ema:
