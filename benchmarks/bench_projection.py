@@ -31,12 +31,12 @@ import torch
 
 from diffattr import __version__
 from diffattr._device import resolve_device
+from diffattr.features._hashing import dense_block
 from diffattr.features._projection import (
     DenseProjector,
     ProjectionConfig,
     Projector,
     SparseProjector,
-    dense_block,
 )
 
 UNET_TINY_PARAMETERS = 651041

@@ -7,18 +7,20 @@ import torch
 
 from diffattr._seed import derive_seed
 from diffattr.errors import ConfigError
-from diffattr.features import _projection as projection
-from diffattr.features._projection import (
+from diffattr.features import _hashing as hashing
+from diffattr.features._hashing import (
     GENERATOR,
+    _entry_hashes,
+    _mix32_,
+    dense_block,
+    sparse_buckets,
+)
+from diffattr.features._projection import (
     DenseProjector,
     IdentityProjector,
     ProjectionConfig,
     SparseProjector,
-    _entry_hashes,
-    _mix32_,
-    dense_block,
     make_projector,
-    sparse_buckets,
 )
 
 DISTRIBUTIONS = ["gaussian", "rademacher"]
@@ -139,7 +141,7 @@ def test_dense_block_is_independent_of_tiles_and_threads(distribution, monkeypat
     try:
         torch.set_num_threads(3)
         # Small tiles, split across rows and columns, shared out to three Python threads.
-        monkeypatch.setattr(projection, "_CPU_CHUNK", 40)
+        monkeypatch.setattr(hashing, "_CPU_CHUNK", 40)
         assert torch.equal(dense_block(2, range(70), 101, distribution), reference)
     finally:
         torch.set_num_threads(threads)

@@ -41,13 +41,12 @@ from torch import Tensor, nn
 
 from diffattr._seed import derive_seed
 from diffattr.errors import ConfigError
+from diffattr.features._hashing import GENERATOR, dense_block
 from diffattr.features._projection import (
-    GENERATOR,
     IdentityProjector,
     ProjectionConfig,
     Projector,
     SparseProjector,
-    dense_block,
 )
 
 __all__ = [

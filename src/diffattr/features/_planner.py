@@ -19,8 +19,9 @@ from diffattr.errors import ConfigError
 from diffattr.features._engine import FeatureConfig
 from diffattr.features._factored import FactoredGradientComputer, refuse_batch_coupling
 from diffattr.features._gradients import GradientComputer, select_parameters
+from diffattr.features._hashing import dense_block
 from diffattr.features._kronecker import KroneckerLayout
-from diffattr.features._projection import ProjectionConfig, dense_block
+from diffattr.features._projection import ProjectionConfig
 
 _MB = 1 << 20
 
