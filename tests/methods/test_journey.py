@@ -29,6 +29,7 @@ from diffattr.models import (
     save_samples,
     train,
 )
+from diffattr.report import write_report
 from diffattr.report._journey import journey_figure
 
 SEEDS = [3, 7, 11]
@@ -278,3 +279,11 @@ def test_plan_estimate_adds_the_chain_to_the_step_gradients(checkpoint: Checkpoi
             n_train=30,
             chain_steps=CHAIN,
         )
+
+
+def test_the_html_report_of_a_journey_run_shows_its_trajectories(exact_run, tmp_path: Path):
+    run, _, _, _ = exact_run
+    out = write_report(run.path, tmp_path / "report.html", k=3)
+    figures = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert {f"journey-{s}.png" for s in SEEDS} == {f for f in figures if f.startswith("journey")}
+    assert "journey-trak, query 3: trajectory and top images per step" in out.read_text()

@@ -161,6 +161,14 @@ def _never_negative(scores: Scores) -> bool:
     return bool(scores.values.min() >= 0)
 
 
+def _query_source(queries: str | dict[str, Any]) -> str:
+    """A run.json entry's queries: a path, or (an Attribution's record) the source's path."""
+    if isinstance(queries, dict):
+        source = queries.get("source") or {}
+        return str(source.get("path") or source.get("kind") or "-")
+    return queries
+
+
 def _summary(run: RunContents, n_shown: int, k: int) -> str:
     rows = []
     for method, scores in run.scores.items():
@@ -172,7 +180,7 @@ def _summary(run: RunContents, n_shown: int, k: int) -> str:
                 str(len(scores.train_ids)),
                 f"{scores.values.min():.4g} .. {scores.values.max():.4g}",
                 escape(", ".join(record.get("checkpoints", [])) or "-"),
-                escape(record.get("queries", "-")),
+                escape(_query_source(record.get("queries", "-"))),
             ]
         )
     table = _table(

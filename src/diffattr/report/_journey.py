@@ -12,7 +12,8 @@ from matplotlib.figure import Figure
 
 from diffattr.data import ImageDataset, image_grid
 from diffattr.errors import ReportError
-from diffattr.methods._journey import StepScores
+from diffattr.methods._journey import STEPS_FILE, JourneyTRAK, StepScores
+from diffattr.methods._run import RunLayout
 from diffattr.report._figures import _DPI, _MIN_TILE, _save
 
 
@@ -86,3 +87,40 @@ def journey_figure(
     for spine in ax.spines.values():
         spine.set_visible(False)
     return _save(figure, path)
+
+
+#: Queries given a trajectory figure in a run's report.
+REPORT_QUERIES = 3
+
+
+def journey_figures(
+    run_dir: Path,
+    train: ImageDataset,
+    query_ids: list[int],
+    figures_dir: Path,
+    *,
+    k: int = 5,
+    limit: int = REPORT_QUERIES,
+) -> dict[str, Path]:
+    """The report's Journey-TRAK figures: one per shown query (the first ``limit``).
+
+    Empty when the run has no per-step scores (``scores/journey-trak/steps.npz``) or its
+    trajectories are a latent model's, which this figure does not decode.
+
+    Returns:
+        Caption -> PNG, as the report lists its figures.
+    """
+    folder = RunLayout(Path(run_dir)).scores(JourneyTRAK.name)
+    if not (folder / STEPS_FILE).is_file():
+        return {}
+    steps = StepScores.load(folder)
+    if tuple(steps.denoised.shape[2:]) != tuple(train.images.shape[1:]):
+        return {}
+    scored = {int(q) for q in steps.query_ids}
+    chosen = [q for q in query_ids if q in scored][:limit]
+    return {
+        f"journey-trak, query {q}: trajectory and top images per step": journey_figure(
+            figures_dir / f"journey-{q}.png", steps, train, q, k=k
+        )
+        for q in chosen
+    }

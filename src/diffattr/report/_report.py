@@ -9,6 +9,7 @@ from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError
 from diffattr.report._figures import attribution_figure, lds_figure
 from diffattr.report._html import render_report
+from diffattr.report._journey import journey_figures
 from diffattr.report._run import RunContents, load_run
 
 REPORT_FILE = "report.html"
@@ -79,6 +80,8 @@ def write_report(
             figures[f"top attributions, {method}"] = attribution_figure(
                 figures_dir / f"top-{method}.png", run.queries, run.train, scores, rows, k
             )
+    # A Journey-TRAK run: the first shown queries' trajectories and top images per step.
+    figures.update(journey_figures(run.run_dir, run.train, shown, figures_dir, k=k))
     if run.lds is not None:
         figures["lds"] = lds_figure(
             figures_dir / "lds.png", run.lds["results"], run.lds.get("benchmark")
