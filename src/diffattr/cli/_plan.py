@@ -2,7 +2,9 @@
 
 Gradient methods: their featurisation (:func:`diffattr.features.estimate_featurization`). NDA
 (``--method nda``), which needs no model: its pass over the training set
-(:func:`diffattr.methods._nda.estimate_nda`).
+(:func:`diffattr.methods._nda.estimate_nda`). The curvature stage of K-FAC, EK-FAC and DAS with
+curvature (``--method curvature``): its two passes over the training set and its factors
+(:func:`diffattr.features._curvature_plan.estimate_curvature_cost`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from diffattr.cli._options import (
     features_from_args,
 )
 from diffattr.features import choose_backend, estimate_featurization
+from diffattr.features._curvature import CurvatureConfig
+from diffattr.features._curvature_plan import estimate_curvature_cost
 from diffattr.methods._nda import NDAConfig, estimate_nda
 from diffattr.models import (
     LoRAConfig,
@@ -39,10 +43,11 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=["features", "nda"],
+        choices=["features", "nda", "curvature"],
         default="features",
         help="features (default): a gradient method's featurisation; nda: NDA's pass over the "
-        "training set (no model; its settings below, --max-memory-mb as for attribute)",
+        "training set (no model; its settings below, --max-memory-mb as for attribute); "
+        "curvature: the K-FAC / EK-FAC stage over the training set (CurvatureConfig below)",
     )
     parser.add_argument(
         "--model",
@@ -68,6 +73,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     add_dataclass_options(parser, NDAConfig, skip=("seed", "mask_value"))
+    add_dataclass_options(parser, CurvatureConfig, skip=("seed",))
     parser.set_defaults(run=plan_command)
 
 
@@ -83,6 +89,9 @@ def plan_command(args: argparse.Namespace) -> None:
     model = build_model(spec).to(device)
     n = args.n_train + args.n_queries
     features = features_from_args(args)
+    if args.method == "curvature":
+        _plan_curvature(args, model, features, device)
+        return
     estimate = estimate_featurization(
         model,
         default_scheduler_config(),
@@ -171,4 +180,45 @@ def _plan_nda(args: argparse.Namespace, device: torch.device) -> None:
         f"per query: {estimate.seconds_per_query:.2f} s (probe: {probe['query_rows']} query rows "
         f"against {probe['training_images']} random training images, "
         f"{probe['seconds_scoring']:.3f} s per timestep; scaled linearly to N)"
+    )
+
+
+def _plan_curvature(
+    args: argparse.Namespace, model: torch.nn.Module, features: Any, device: torch.device
+) -> None:
+    """Probe the curvature stage on random images of the given shape and print the estimate."""
+    config = dataclass_from_args(CurvatureConfig, args)
+    shape = (args.channels, args.image_size, args.image_size)
+    estimate = estimate_curvature_cost(
+        model,
+        default_scheduler_config(),
+        features,
+        config,
+        image_shape=shape,
+        n_images=args.n_train,
+        batch_size=args.batch_size,
+        device=device,
+    )
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+        return
+    print(
+        f"curvature stage of {args.model}: {estimate.parameters:,} parameters in "
+        f"{len(estimate.layers)} layers (+ {estimate.rest:,} on the diagonal); "
+        f"{args.n_train:,} images x {estimate.timesteps} timesteps x {estimate.directions} "
+        f"output directions, batch {estimate.batch_size}, on {device}"
+    )
+    print("memory (GB; activations counted on CUDA only):")
+    for name, value in estimate.memory_bytes.items():
+        print(f"  {name:24s} {value / 1e9:10.3f}")
+    print(f"  {'peak':24s} {estimate.peak_memory_bytes / 1e9:10.3f}")
+    print(f"disk for curvature.safetensors: {estimate.disk_bytes / 1e9:.3f} GB")
+    print("time (hours):")
+    for name, value in estimate.seconds.items():
+        print(f"  {name:24s} {value / 3600:10.3f}")
+    print(f"  {'total':24s} {estimate.total_seconds / 3600:10.3f}")
+    print(
+        f"probe: {estimate.probe['seconds_per_factor_batch']:.3f} s (factors) and "
+        f"{estimate.probe['seconds_per_eigen_batch']:.3f} s (EK-FAC) per batch and timestep; "
+        f"largest factor side {estimate.probe['largest_factor_side']:.0f}"
     )
