@@ -47,6 +47,7 @@ from diffattr.features import (
     PlanConfig,
     featurize,
 )
+from diffattr.features._curvature import CurvatureConfig
 from diffattr.methods import (
     DAS,
     DTRAK,
@@ -284,6 +285,11 @@ def main() -> None:
     }
     for label, method in curvature_rows.items():
         rows[label] = gradient(method, base, "curvature")
+    # K-FAC-reduce (Eschenhagen et al.): positions summed before the outer products; the
+    # adapters of attention and convolutions see many positions, so it differs from expand here.
+    reduce = InfluenceConfig(route="exact", ggn=CurvatureConfig(sharing="reduce"))
+    rows["K-FAC, reduce"] = gradient(KFAC(reduce), base, "curvature")
+    rows["EK-FAC, reduce"] = gradient(EKFAC(reduce), base, "curvature")
     rows["EK-FAC, projected 64k then k"] = gradient(
         EKFAC(InfluenceConfig(route="projected")),
         base,
