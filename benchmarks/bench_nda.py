@@ -34,6 +34,8 @@ and ``speedup_vs_reference``: a reference's seconds over the fast path's in the 
 fast row: against the faster reference). Each variant first runs once on a small problem (one
 query, one timestep, 128 training images) so that one-off start-up costs are not timed.
 
+``--markdown`` prints the tables of the ``--out`` file in Markdown (for benchmarks/README.md).
+
 ``--scale`` times the fast path for one query against N random 32x32 RGB training images for
 each N in ``--scale-n`` (fresh subprocesses), fits seconds = a + b N, reports how far each
 measurement is from the fit (linearity) and the fit at ``--target-n``, next to the estimate of
@@ -325,6 +327,7 @@ def _worker(args: argparse.Namespace) -> None:
         "peak_mb": (_peak_bytes(device) - before) / 2**20,
         "device": str(device),
         "threads": args.threads or torch.get_num_threads(),
+        "dtype": args.dtype,
     }
     print(json.dumps(record))
 
@@ -475,6 +478,52 @@ def _print_scale(result: dict) -> None:
     )
 
 
+def _markdown(result: dict) -> str:
+    """The tables of a results file (``--out``) in Markdown, for benchmarks/README.md."""
+    lines = []
+    if result.get("rows"):
+        lines += [
+            "| threads | size | top-K | variant | s/query | CPU s/query | peak MB | max rel diff "
+            "| speedup vs reference: wall (CPU) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in result["rows"]:
+            speedup = row.get("speedup_vs_reference")
+            both = (
+                ""
+                if speedup is None
+                else f"{speedup:.1f}x ({row['cpu_speedup_vs_reference']:.1f}x)"
+            )
+            lines.append(
+                f"| {row['threads']} | {row['size']}x{row['size']} | {row['top_k'] or 'all'} "
+                f"| {row['variant']} | {row['s_per_query']:.3f} | {row['cpu_s_per_query']:.3f} "
+                f"| {row['peak_mb']:.0f} | {row.get('max_rel_diff', math.nan):.1e} | {both} |"
+            )
+    scale = result.get("scale")
+    if scale:
+        if lines:
+            lines.append("")
+        lines += [
+            "| N (32x32 RGB) | s/query | CPU s/query | off the linear fit (wall) | peak MB |",
+            "|---|---|---|---|---|",
+        ]
+        for p in scale["points"]:
+            lines.append(
+                f"| {p['n_train']:,} | {p['s_per_query']:.2f} | {p['cpu_s_per_query']:.2f} "
+                f"| {p['s_per_query_off_fit']:+.1%} | {p['peak_mb']:.0f} |"
+            )
+        at, plan = scale["extrapolated"], scale["planner"]
+        lines.append(
+            f"| {scale['target_n']:,}: linear fit | {at['s_per_query']:.0f} "
+            f"| {at['cpu_s_per_query']:.0f} | | |"
+        )
+        lines.append(
+            f"| {scale['target_n']:,}: `diffattr plan` probe | {plan['seconds_per_query']:.0f} "
+            f"| | | {plan['peak_memory_bytes'] / 2**20:.0f} (estimate) |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16], help="image sides")
@@ -500,11 +549,19 @@ def main() -> None:
     )
     parser.add_argument("--target-n", type=int, default=50_000, help="N extrapolated to")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="measure nothing: print the tables of the --out file in Markdown",
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--n-train", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--scores", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown:
+        print(_markdown(json.loads(Path(args.out).read_text())))
+        return
     if args.worker:
         args.queries, args.top_k, args.threads = args.queries[0], args.top_k[0], args.threads[0]
         _worker(args)
