@@ -66,11 +66,11 @@ from diffattr.data import ImageDataset, load_digits
 from diffattr.methods import _nda
 from diffattr.methods._nda import (
     NDAConfig,
-    _alphas_cumprod,
     _exp_floor,
     _nda_tau,
     _noised,
     _scales,
+    _schedule,
     estimate_nda,
 )
 
@@ -156,13 +156,14 @@ def naive_tau(
     chunk = _reference_chunk(config, shape)
     tau = torch.zeros((len(queries), len(train)), dtype=torch.float64)
     unfold = {"fine": _fine_patches, "coarse": _coarse_patches}
-    for t, abar in zip(config.timesteps, _alphas_cumprod(config, None), strict=True):
+    task, abars = _schedule(config, None)
+    for t, abar in zip(config.timesteps, abars, strict=True):
         scaled = math.sqrt(abar) * train_images
         # (N, Q, D) key patches of each scale, once per timestep.
         keys = {s: unfold[s](scaled, k, m).transpose(1, 2) for s, _ in _scales(config.alpha)}
         for q, d in _rows(queries, config):
             image = queries.images[q : q + 1].to(device, dtype)
-            x_t = _noised(image, queries.ids[q : q + 1], [d], t, abar, config.seed)
+            x_t = _noised(image, queries.ids[q : q + 1], [d], t, task, config.seed)
             for scale, weight in _scales(config.alpha):
                 patches = unfold[scale](x_t, k, m)[0].T  # (P, D)
                 acc = _Accumulator(positions, len(train), patches)
@@ -195,10 +196,11 @@ def unoptimised_tau(
     chunk = _reference_chunk(config, (channels, height, width))
     tau = torch.zeros((len(queries), len(train)), dtype=torch.float64)
     ones = torch.ones((1, channels, k, k), dtype=dtype, device=device)
-    for t, abar in zip(config.timesteps, _alphas_cumprod(config, None), strict=True):
+    task, abars = _schedule(config, None)
+    for t, abar in zip(config.timesteps, abars, strict=True):
         for q, d in _rows(queries, config):
             image = queries.images[q : q + 1].to(device, dtype)
-            x_t = _noised(image, queries.ids[q : q + 1], [d], t, abar, config.seed)
+            x_t = _noised(image, queries.ids[q : q + 1], [d], t, task, config.seed)
             # Recomputed for every query: the padded keys and their norms.
             scaled = math.sqrt(abar) * train_images
             fine_keys = F.pad(scaled, (r, r, r, r), value=m)

@@ -91,7 +91,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from diffattr._config import check_fields, is_int, known_fields
@@ -101,7 +100,7 @@ from diffattr._seed import generator
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, DataError
 from diffattr.methods._scores import Scores
-from diffattr.models import default_scheduler_config
+from diffattr.models import DiffusionTask, default_scheduler_config
 
 __all__ = [
     "NDAConfig",
@@ -541,17 +540,19 @@ def _image_shares(lse: torch.Tensor, top: torch.Tensor, rows: int) -> torch.Tens
 # Driver
 
 
-def _alphas_cumprod(config: NDAConfig, scheduler_config: dict[str, Any] | None) -> list[float]:
-    """abar_t of each configured timestep; ConfigError for one outside [0, T)."""
-    alphas = _scheduler(scheduler_config).alphas_cumprod
-    total = len(alphas)
+def _schedule(
+    config: NDAConfig, scheduler_config: dict[str, Any] | None
+) -> tuple[DiffusionTask, list[float]]:
+    """The diffusion task and abar_t of each configured timestep; ConfigError outside [0, T)."""
+    task = DiffusionTask(scheduler_config or default_scheduler_config())
+    total = task.num_train_timesteps
     bad = [t for t in config.timesteps if t >= total]
     if bad:
         raise ConfigError(
             f"NDAConfig.timesteps={list(config.timesteps)} is invalid: timesteps {bad} are "
             f"outside [0, {total}) of the noise schedule"
         )
-    return [float(alphas[t]) for t in config.timesteps]
+    return task, [float(task.alphas_cumprod[t]) for t in config.timesteps]
 
 
 def _check_shapes(queries: ImageDataset, train: ImageDataset) -> None:
@@ -568,17 +569,17 @@ def _noised(
     ids: np.ndarray,
     draws: list[int],
     t: int,
-    abar: float,
+    task: DiffusionTask,
     seed: int,
 ) -> torch.Tensor:
-    """x_t of each (image, draw) row; the noise depends on (seed, t, draw, sample id) only."""
+    """x_t of each (image, draw) row by the task; the noise depends on (seed, t, draw, id) only."""
     noise = torch.stack(
         [
             torch.randn(images.shape[1:], generator=generator(seed, "nda-noise", int(t), d, int(i)))
             for i, d in zip(ids, draws, strict=True)
         ]
     ).to(device=images.device, dtype=images.dtype)
-    return math.sqrt(abar) * images + math.sqrt(1.0 - abar) * noise
+    return task.noised(images, noise, torch.full((len(images),), t))
 
 
 #: On the CPU each worker's logits tile is kept near L2 cache size whatever the budget: 0.5-1 MB
@@ -669,7 +670,7 @@ def _nda_tau(
     tiles, the workers and the per-chunk key columns).
     """
     _check_shapes(queries, train)
-    abars = _alphas_cumprod(config, scheduler_config)
+    task, abars = _schedule(config, scheduler_config)
     device = resolve_device(device)
     dtype = _DTYPES[config.dtype]
     k, m = config.patch_size, config.mask_value
@@ -709,7 +710,7 @@ def _nda_tau(
                     queries.ids[sel],
                     row_draw[start : start + plan.batch],
                     t,
-                    abar,
+                    task,
                     config.seed,
                 )
                 for scale, weight in scales:
@@ -766,7 +767,7 @@ def nda_scores(
     settings = {
         **config.to_dict(),
         "alphas_cumprod": abars,
-        "num_train_timesteps": len(_scheduler(scheduler_config).alphas_cumprod),
+        "num_train_timesteps": _schedule(config, scheduler_config)[0].num_train_timesteps,
     }
     return Scores(
         values=values,
@@ -860,7 +861,7 @@ def estimate_nda(
             f"n_train={n_train!r}, n_queries={n_queries!r} and image_shape={image_shape!r} are "
             "invalid: counts must be ints >= 1 and the shape three ints >= 1 (C, H, W)"
         )
-    abar = _alphas_cumprod(config, scheduler_config)[0]
+    abar = _schedule(config, scheduler_config)[1][0]
     device = resolve_device(device)
     dtype = _DTYPES[config.dtype]
     itemsize = torch.finfo(dtype).bits // 8
@@ -952,10 +953,6 @@ def _fastest(fn: Callable[[], Any], repeats: int, device: torch.device) -> float
     return best
 
 
-def _scheduler(scheduler_config: dict[str, Any] | None) -> DDPMScheduler:
-    return DDPMScheduler.from_config(scheduler_config or default_scheduler_config())
-
-
 def _position(dataset: ImageDataset, sample_id: int, what: str) -> int:
     found = np.flatnonzero(dataset.ids == sample_id)
     if len(found) == 0:
@@ -1003,7 +1000,7 @@ def nda_heatmaps(
     _check_shapes(queries, train)
     query_pos = _position(queries, query_id, "query")
     target = _position(train, train_id, "training")
-    abars = _alphas_cumprod(config, scheduler_config)
+    task, abars = _schedule(config, scheduler_config)
     device = resolve_device(device)
     dtype = _DTYPES[config.dtype]
     k, m = config.patch_size, config.mask_value
@@ -1024,7 +1021,7 @@ def nda_heatmaps(
                 np.full(len(draws), queries.ids[query_pos]),
                 draws,
                 t,
-                abar,
+                task,
                 config.seed,
             )
             patches = _patches(_planes("fine", x_t, k, m), k)
