@@ -25,7 +25,9 @@ from diffattr.cli._options import (
 from diffattr.features import choose_backend, estimate_featurization
 from diffattr.features._curvature import CurvatureConfig
 from diffattr.features._curvature_plan import estimate_curvature_cost
+from diffattr.methods._journey import estimate_journey
 from diffattr.methods._nda import NDAConfig, estimate_nda
+from diffattr.methods._unlearn import estimate_unlearn
 from diffattr.models import (
     LoRAConfig,
     available_models,
@@ -43,11 +45,12 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=["features", "nda", "curvature"],
+        choices=["features", "nda", "curvature", "journey-trak", "unlearn"],
         default="features",
         help="features (default): a gradient method's featurisation; nda: NDA's pass over the "
         "training set (no model; its settings below, --max-memory-mb as for attribute); "
-        "curvature: the K-FAC / EK-FAC stage over the training set (CurvatureConfig below)",
+        "curvature: the K-FAC / EK-FAC stage over the training set (CurvatureConfig below); "
+        "journey-trak, unlearn: their time once and per query (the methods' defaults)",
     )
     parser.add_argument(
         "--model",
@@ -91,6 +94,9 @@ def plan_command(args: argparse.Namespace) -> None:
     features = features_from_args(args)
     if args.method == "curvature":
         _plan_curvature(args, model, features, device)
+        return
+    if args.method in ("journey-trak", "unlearn"):
+        _plan_per_query(args, model, features, device)
         return
     estimate = estimate_featurization(
         model,
@@ -222,3 +228,43 @@ def _plan_curvature(
         f"{estimate.probe['seconds_per_eigen_batch']:.3f} s (EK-FAC) per batch and timestep; "
         f"largest factor side {estimate.probe['largest_factor_side']:.0f}"
     )
+
+
+def _plan_per_query(
+    args: argparse.Namespace, model: torch.nn.Module, features: Any, device: torch.device
+) -> None:
+    """Journey-TRAK's or unlearning's time once and per query, from short probes.
+
+    :func:`diffattr.methods._journey.estimate_journey` (a DDPM chain of the default steps) and
+    :func:`diffattr.methods._unlearn.estimate_unlearn`, with the methods' default settings.
+    """
+    shape = (args.channels, args.image_size, args.image_size)
+    common = {"image_shape": shape, "n_train": args.n_train, "n_queries": args.n_queries}
+    if args.method == "journey-trak":
+        estimate: Any = estimate_journey(
+            model,
+            default_scheduler_config(),
+            features,
+            batch_size=args.batch_size,
+            device=device,
+            **common,
+        )
+    else:
+        estimate = estimate_unlearn(
+            model, default_scheduler_config(), features=features, device=device, **common
+        )
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+        return
+    print(
+        f"{args.method} on {args.model}: {args.n_train:,} training images, "
+        f"{args.n_queries:,} queries, on {device} (the method's default settings)"
+    )
+    print("time once (hours):")
+    for name, value in estimate.seconds_once.items():
+        print(f"  {name:24s} {value / 3600:10.3f}")
+    print("time per query (seconds):")
+    for name, value in estimate.seconds_per_query.items():
+        print(f"  {name:24s} {value:10.3f}")
+    print(f"  {'per query':24s} {estimate.per_query_seconds:10.3f}")
+    print(f"total (hours): {estimate.total_seconds / 3600:.3f}")
