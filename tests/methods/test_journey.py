@@ -287,3 +287,11 @@ def test_the_html_report_of_a_journey_run_shows_its_trajectories(exact_run, tmp_
     figures = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert {f"journey-{s}.png" for s in SEEDS} == {f for f in figures if f.startswith("journey")}
     assert "journey-trak, query 3: trajectory and top images per step" in out.read_text()
+
+
+def test_plan_command_prints_the_time_per_query(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--method", "journey-trak", "--model", "mlp-tiny", "--n-train", "30"]
+    main([*argv, "--n-queries", "3", "--timesteps", "2", "--device", "cpu", "--json"])
+    estimate = json.loads(capsys.readouterr().out)
+    assert estimate["method"] == "journey-trak"
+    assert set(estimate["seconds_per_query"]) == {"chain", "step gradients"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,14 @@ def test_plan_estimate_scales_its_probe_to_the_run(checkpoint: Checkpoint) -> No
     assert few.to_dict()["per_query_seconds"] == few.per_query_seconds
     with pytest.raises(ConfigError):
         estimate_unlearn(model, checkpoint.scheduler_config, image_shape=(1, 8, 8), n_train=0)
+
+
+def test_plan_command_prints_the_time_per_query(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "--method", "unlearn", "--model", "mlp-tiny", "--n-train", "30"]
+    main([*argv, "--n-queries", "3", "--device", "cpu", "--json"])
+    estimate = json.loads(capsys.readouterr().out)
+    assert estimate["method"] == "unlearn"
+    assert estimate["candidates"] == 30
+    assert estimate["total_seconds"] == pytest.approx(
+        sum(estimate["seconds_once"].values()) + 3 * estimate["per_query_seconds"]
+    )
