@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from diffattr._io import LOCK_FILE, output_lock
-from diffattr.cli import _commands, _lds, main
+from diffattr.cli import _attribute, _demo, _lds, _sample, _train, main
 from diffattr.errors import OutputError
 from diffattr.evaluation import LDSBenchmark
 from diffattr.report import _report
@@ -87,12 +87,12 @@ def _argv(command: str, checkpoint: Path, samples: Path, out: Path) -> list[str]
 
 #: What each command would spend its time on; it must not be reached.
 WORK: dict[str, tuple[Any, str]] = {
-    "train": (_commands, "train_model"),
-    "train-vae": (_commands, "train_autoencoder"),
-    "sample": (_commands, "sample_checkpoint"),
-    "attribute": (_commands, "Attribution"),
-    "nda": (_commands, "Attribution"),
-    "demo": (_commands, "train_model"),
+    "train": (_train, "train_model"),
+    "train-vae": (_train, "train_autoencoder"),
+    "sample": (_sample, "sample_checkpoint"),
+    "attribute": (_attribute, "Attribution"),
+    "nda": (_attribute, "Attribution"),
+    "demo": (_demo, "train_model"),
     "counterfactual": (_lds, "counterfactual"),
     "lds init": (LDSBenchmark, "create"),
     "report": (_report, "load_run"),
@@ -173,7 +173,7 @@ def test_an_os_error_during_the_work_is_one_line_naming_the_path(
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(28, "No space left on device", str(tmp_path / "m" / "weights.safetensors"))
 
-    monkeypatch.setattr(_commands, "train_model", full)
+    monkeypatch.setattr(_train, "train_model", full)
     argv = ["train", "--out", str(tmp_path / "m"), *TRAIN_ARGS]
     err = _expect_error(capsys, argv)
     assert (

@@ -12,7 +12,7 @@ from typing import Any, get_args
 
 from diffattr._device import resolve_device
 from diffattr._io import check_output, write_json
-from diffattr.cli._commands import locking_out
+from diffattr.cli._common import locking_out
 from diffattr.cli._options import (
     add_dataclass_options,
     add_trust_option,
