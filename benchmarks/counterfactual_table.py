@@ -1,6 +1,6 @@
 """Counterfactual remove-and-retrain on a shipped benchmark: one command, one table.
 
-    .venv/bin/python benchmarks/counterfactual_table.py            # digits-mlp, 4 queries
+    .venv/bin/python benchmarks/counterfactual_table.py            # digits-mlp, 3 queries
     .venv/bin/python benchmarks/counterfactual_table.py --queries 8 --k 10
 
 For the first ``--queries`` generated queries of the benchmark (ids 0, 1, ...; chosen by
@@ -79,7 +79,7 @@ def update_readme(name: str, table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", default=str(HERE / "digits-mlp"))
-    parser.add_argument("--queries", type=int, default=4, help="the first N generated queries")
+    parser.add_argument("--queries", type=int, default=3, help="the first N generated queries")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help="lds_table.py row labels")
     parser.add_argument("--run", default="runs/lds-table", help="lds_table.py's --run")
