@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from PIL import Image
 
 from diffattr._seed import generator
 from diffattr.data import ImageDataset
@@ -31,7 +30,6 @@ from diffattr.methods._nda import (
     estimate_nda,
     nda_heatmaps,
     nda_scores,
-    save_heatmap,
 )
 from diffattr.models import default_scheduler_config
 
@@ -339,21 +337,6 @@ def test_heatmaps_use_the_global_normaliser_when_chunked() -> None:
     _, maps = reference(queries, train, tiny)
     for got, want in zip(nda_heatmaps(queries, train, 20, 12, tiny), maps[0], strict=True):
         assert rel_error(got.reshape(-1), want[4]) < 1e-6
-
-
-def test_save_heatmap_writes_a_png(tmp_path) -> None:
-    train, queries = make(3, 0, first_id=0, shape=(3, 5, 6)), make(1, 1, 20, shape=(3, 5, 6))
-    query_map, _ = nda_heatmaps(queries, train, 20, 3, NDAConfig(timesteps=(300,)))
-    path = save_heatmap(queries.images[0], query_map, tmp_path / "sub" / "map.png", scale=4)
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        assert image.size == (6 * 4, 5 * 4)  # (width, height)
-        assert image.mode == "RGB"
-    save_heatmap(queries.images[0], np.zeros((5, 6)), tmp_path / "zero.png")
-    with pytest.raises(DataError, match="shape"):
-        save_heatmap(queries.images[0], np.zeros((6, 5)), tmp_path / "bad.png")
-    with pytest.raises(ConfigError, match="scale"):
-        save_heatmap(queries.images[0], query_map, tmp_path / "bad.png", scale=0)
 
 
 def test_heatmaps_reject_unknown_ids() -> None:

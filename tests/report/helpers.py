@@ -9,7 +9,8 @@ import torch
 
 from diffattr._io import write_json
 from diffattr.data import ImageDataset, load_digits
-from diffattr.methods import Scores, save_heatmap
+from diffattr.methods import Scores
+from diffattr.report import save_heatmap
 
 
 def digit_sets(n_queries: int, n_train: int) -> tuple[ImageDataset, ImageDataset]:

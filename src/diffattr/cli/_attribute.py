@@ -47,9 +47,9 @@ from diffattr.methods import (
     get_method,
     nda_heatmaps,
     record_run,
-    save_heatmap,
 )
 from diffattr.models import load_checkpoint, load_pipeline
+from diffattr.report import save_heatmap
 
 
 def add_parser(commands: Any) -> None:

@@ -16,7 +16,7 @@ from diffattr.methods._kernel import (
     fit_kernel,
 )
 from diffattr.methods._model_free import NDA, PixelCosine, PixelCosineConfig, Random, RandomConfig
-from diffattr.methods._nda import NDAConfig, nda_heatmaps, nda_scores, save_heatmap
+from diffattr.methods._nda import NDAConfig, nda_heatmaps, nda_scores
 from diffattr.methods._run import Attribution, RunLayout, read_run, record_run
 from diffattr.methods._scores import SIGN_CONVENTION, Scores
 from diffattr.methods._similarity import (
@@ -112,5 +112,4 @@ __all__ = [
     "random_scores",
     "read_run",
     "record_run",
-    "save_heatmap",
 ]

@@ -4,6 +4,7 @@ The report renders saved artifacts (scores, ``run.json``, NDA heatmaps, LDS resu
 recomputes them.
 """
 
+from diffattr.report._heatmap import save_heatmap
 from diffattr.report._report import write_report
 
-__all__ = ["write_report"]
+__all__ = ["save_heatmap", "write_report"]
