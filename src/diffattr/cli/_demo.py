@@ -16,18 +16,13 @@ from diffattr.cli._common import add_common_options, locking_out
 from diffattr.cli._options import positive_int
 from diffattr.data import ImageDataset, load_dataset, load_npz, save_grid, split_dataset
 from diffattr.evaluation import ClassConfidence
-from diffattr.features import FeatureConfig, PlanConfig, ProjectionConfig
-from diffattr.methods import DAS, DASConfig, Scores, record_run
-from diffattr.methods import attribute as attribute_images
+from diffattr.methods import DAS, Attribution, Scores
 from diffattr.models import TrainConfig, model_spec, sample_checkpoint, save_samples
 from diffattr.models import train as train_model
 from diffattr.report import write_report
 
 #: The demo's training length: enough for clean digits from unet-tiny (see README for timings).
 DEMO_STEPS = 4000
-#: The demo's attribution: DAS defaults with 10 uniform timesteps and k = 1024.
-DEMO_TIMESTEPS = 10
-DEMO_PROJ_DIM = 1024
 
 
 def add_parser(commands: Any) -> None:
@@ -82,29 +77,17 @@ def demo(args: argparse.Namespace) -> None:
     }
     print("\nattributing the generated digits with DAS...", flush=True)
     generated = load_npz(npz)
-    method = DAS(DASConfig())
-    features = FeatureConfig(
-        plan=PlanConfig(num_steps=DEMO_TIMESTEPS),
-        projection=ProjectionConfig(dim=DEMO_PROJ_DIM, max_memory_mb=4096),
-    )
-    attribution = out / "attribution"
-    scores = attribute_images(
-        method,
-        [checkpoint],
+    # The library's defaults, as a user who calls Attribution with none would get them.
+    method = DAS()
+    run = Attribution(
+        out / "attribution",
+        checkpoint,
         split.train,
-        generated,
-        features,
-        attribution,
         device=str(device),
         progress=not args.quiet,
     )
-    record_run(
-        attribution,
-        method.name,
-        [checkpoint.path],
-        str(npz),
-        {"method": method.name, "timesteps": DEMO_TIMESTEPS, "proj_dim": DEMO_PROJ_DIM},
-    )
+    scores = run.score(method, generated)
+    attribution = run.path
     top = {int(q): scores.top_k(int(q), 5)[0].tolist() for q in scores.query_ids}
     write_json(attribution / "top.json", {"method": method.name, "top5": top})
     save_grid(
