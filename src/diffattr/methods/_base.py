@@ -213,3 +213,47 @@ class AttributionMethod(Method):
 
 def _config_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerQueryEstimate:
+    """Expected time, in seconds, of a method that pays most of its cost per query.
+
+    Journey-TRAK (:func:`~diffattr.methods._journey.estimate_journey`) and unlearning
+    (:func:`~diffattr.methods._unlearn.estimate_unlearn`) estimate this way.
+
+    Attributes:
+        method: The method's registry name.
+        n_train: Training images.
+        n_queries: Query images.
+        seconds_once: What is paid once, by name.
+        seconds_per_query: What each query pays, by name.
+        probe: The measured rates the estimate scales.
+        candidates: Training images each query's pass covers, where a method restricts it.
+    """
+
+    method: str
+    n_train: int
+    n_queries: int
+    seconds_once: dict[str, float]
+    seconds_per_query: dict[str, float]
+    probe: dict[str, float]
+    candidates: int | None = None
+
+    @property
+    def per_query_seconds(self) -> float:
+        """Seconds per query."""
+        return sum(self.seconds_per_query.values())
+
+    @property
+    def total_seconds(self) -> float:
+        """Everything paid once, plus every query."""
+        return sum(self.seconds_once.values()) + self.n_queries * self.per_query_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON types."""
+        return {
+            **dataclasses.asdict(self),
+            "per_query_seconds": self.per_query_seconds,
+            "total_seconds": self.total_seconds,
+        }

@@ -50,7 +50,7 @@ from diffattr.features._engine import _DTYPES, _computer_and_projector
 from diffattr.features._factored import FactoredGradientComputer
 from diffattr.features._gradients import GradientComputer
 from diffattr.features._projection import Projector
-from diffattr.methods._base import Features
+from diffattr.methods._base import Features, PerQueryEstimate
 from diffattr.methods._kernel import _BLOCK, Kernel, KernelConfig, _KernelMethod, _transform
 from diffattr.methods._run import RunLayout
 from diffattr.methods._scores import Scores
@@ -685,50 +685,6 @@ class _JourneyFeaturizer:
         )
 
 
-@dataclass(frozen=True)
-class JourneyPlanEstimate:
-    """Expected time of a Journey-TRAK run (:func:`estimate_journey`), in seconds.
-
-    Attributes:
-        n_train: Training images.
-        n_queries: Query images.
-        seconds_once: ``training features`` (the engine's featurisation of the training set,
-            with the kernel) and anything else paid once.
-        seconds_per_query: ``chain`` (re-running the query's generation) and ``step
-            gradients`` (its S projected loss gradients).
-        probe: The measured rates the estimate scales.
-    """
-
-    n_train: int
-    n_queries: int
-    seconds_once: dict[str, float]
-    seconds_per_query: dict[str, float]
-    probe: dict[str, float]
-
-    @property
-    def per_query_seconds(self) -> float:
-        """Seconds per query (the chain and its step gradients)."""
-        return sum(self.seconds_per_query.values())
-
-    @property
-    def total_seconds(self) -> float:
-        """The training side once plus every query."""
-        return sum(self.seconds_once.values()) + self.n_queries * self.per_query_seconds
-
-    def to_dict(self) -> dict[str, Any]:
-        """As JSON types."""
-        return {
-            "method": "journey-trak",
-            "n_train": self.n_train,
-            "n_queries": self.n_queries,
-            "seconds_once": self.seconds_once,
-            "seconds_per_query": self.seconds_per_query,
-            "per_query_seconds": self.per_query_seconds,
-            "total_seconds": self.total_seconds,
-            "probe": self.probe,
-        }
-
-
 def estimate_journey(
     model: torch.nn.Module,
     scheduler_config: dict[str, Any],
@@ -744,7 +700,7 @@ def estimate_journey(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     probe_steps: int = 4,
-) -> JourneyPlanEstimate:
+) -> PerQueryEstimate:
     """Estimate the time of Journey-TRAK over ``n_queries`` generated queries, from short probes.
 
     The training side and each query's S step gradients are featurisations (the engine's
@@ -831,7 +787,8 @@ def estimate_journey(
     batches = -(-n_queries // batch)
     chain_seconds = seconds_per_step * steps * batches / n_queries
     gradients = query_side.seconds["gradients"] / n_queries
-    return JourneyPlanEstimate(
+    return PerQueryEstimate(
+        method="journey-trak",
         n_train=n_train,
         n_queries=n_queries,
         seconds_once={"training features": train_side.total_seconds},

@@ -44,7 +44,7 @@ from diffattr.errors import ConfigError, DataError
 from diffattr.features import FeatureConfig, OutputConfig, Plan, PlanConfig
 from diffattr.features._engine import _DTYPES
 from diffattr.features._gradients import GradientComputer, select_parameters
-from diffattr.methods._base import AttributionMethod, Features
+from diffattr.methods._base import AttributionMethod, Features, PerQueryEstimate
 from diffattr.methods._scores import Scores
 from diffattr.models import (
     DiffusionTask,
@@ -436,53 +436,6 @@ def _split(flat: np.ndarray, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-@dataclass(frozen=True)
-class UnlearnPlanEstimate:
-    """Expected time of an unlearning run (:func:`estimate_unlearn`), in seconds.
-
-    Attributes:
-        n_train: Training images.
-        n_queries: Query images.
-        candidates: Training images given the loss pass per query (N, or ``top_m``).
-        seconds_once: ``fisher`` (the fit) and ``losses before`` (the loss pass before
-            unlearning, over all N: an upper bound with candidates, which need only their union).
-        seconds_per_query: ``unlearning`` (``steps`` gradients of the query's plan loss) and
-            ``loss pass`` (the candidates' plan losses after it).
-        probe: The measured rates the estimate scales.
-    """
-
-    n_train: int
-    n_queries: int
-    candidates: int
-    seconds_once: dict[str, float]
-    seconds_per_query: dict[str, float]
-    probe: dict[str, float]
-
-    @property
-    def per_query_seconds(self) -> float:
-        """Seconds per query."""
-        return sum(self.seconds_per_query.values())
-
-    @property
-    def total_seconds(self) -> float:
-        """The fit and the first loss pass once, plus every query."""
-        return sum(self.seconds_once.values()) + self.n_queries * self.per_query_seconds
-
-    def to_dict(self) -> dict[str, Any]:
-        """As JSON types."""
-        return {
-            "method": "unlearn",
-            "n_train": self.n_train,
-            "n_queries": self.n_queries,
-            "candidates": self.candidates,
-            "seconds_once": self.seconds_once,
-            "seconds_per_query": self.seconds_per_query,
-            "per_query_seconds": self.per_query_seconds,
-            "total_seconds": self.total_seconds,
-            "probe": self.probe,
-        }
-
-
 def estimate_unlearn(
     model: nn.Module,
     scheduler_config: dict[str, Any],
@@ -494,7 +447,7 @@ def estimate_unlearn(
     n_queries: int = 1,
     device: str | torch.device = "cpu",
     repeats: int = 2,
-) -> UnlearnPlanEstimate:
+) -> PerQueryEstimate:
     """Estimate the time of unlearning attribution, from a short probe on random images.
 
     Three rates are timed (the fastest of ``repeats`` after a warm-up): one ascent step's
@@ -580,7 +533,8 @@ def estimate_unlearn(
     per_fisher_image = _fastest_seconds(fisher, repeats) / fisher_batch
     candidates = n_train if config.candidates is None else min(config.top_m, n_train)
     pass_seconds = per_pair * len(plan)
-    return UnlearnPlanEstimate(
+    return PerQueryEstimate(
+        method="unlearn",
         n_train=n_train,
         n_queries=n_queries,
         candidates=candidates,
