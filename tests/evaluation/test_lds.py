@@ -22,8 +22,9 @@ from diffattr.evaluation import (
     spearman_columns,
 )
 from diffattr.evaluation import _lds as lds_module
-from diffattr.methods import Scores
-from diffattr.models import Checkpoint
+from diffattr.methods import JourneyTRAKConfig, Scores
+from diffattr.methods._journey import generation_of
+from diffattr.models import DEFAULT_STEPS, Checkpoint, sample_checkpoint
 
 from .helpers import tiny_base
 
@@ -326,3 +327,21 @@ def test_a_unit_built_by_another_process_is_refused_and_other_units_go_on(
         assert len(bench.build(shard=(1, 2), max_models=1, progress=False).trained) == 1
     assert bench.build(shard=(0, 2), max_models=1, progress=False).trained == [bench.units[0].name]
     assert bench.status() == (2, 8)
+
+
+def test_generated_queries_record_their_generation(built: LDSBenchmark) -> None:
+    # Journey-TRAK re-runs each generated query's chain from samples.json beside the queries.
+    queries = LDSBenchmark.open(built.path).queries["generated"]
+    generation = generation_of(queries, JourneyTRAKConfig())
+    assert generation.source.endswith("queries/samples.json")
+    assert (generation.sampler, generation.steps) == ("ddpm", DEFAULT_STEPS["ddpm"])
+    assert generation.guidance_scale == CONFIG.guidance_scale
+    again = sample_checkpoint(
+        built.base,
+        generation.seeds.tolist(),
+        sampler=generation.sampler,
+        num_inference_steps=generation.steps,
+        guidance_scale=generation.guidance_scale,
+        progress=False,
+    )
+    np.testing.assert_allclose(again.numpy(), queries.images.numpy(), atol=1e-4)

@@ -391,7 +391,7 @@ class LDSBenchmark:
         write_npy(path / MASKS_FILE, masks)
         entries = {}
         for name, dataset in queries.items():
-            entries[name] = _save_queries(path, name, dataset)
+            entries[name] = _save_queries(path, name, dataset, config.guidance_scale)
             order = torch.randperm(
                 len(dataset), generator=generator(config.seed, "lds-calib", name)
             )
@@ -757,7 +757,9 @@ def _copy_base(base: Checkpoint, target: Path) -> Checkpoint:
     )
 
 
-def _save_queries(path: Path, name: str, dataset: ImageDataset) -> dict[str, Any]:
+def _save_queries(
+    path: Path, name: str, dataset: ImageDataset, guidance_scale: float
+) -> dict[str, Any]:
     arrays = {
         "images": dataset.images.numpy().astype(np.float32),
         "ids": dataset.ids,
@@ -771,6 +773,19 @@ def _save_queries(path: Path, name: str, dataset: ImageDataset) -> dict[str, Any
         arrays["prompts"] = np.asarray(dataset.prompts, dtype=np.str_)
     file = path / "queries" / f"{name}.npz"
     write_npz(file, arrays)
+    if name == "generated":
+        # As `diffattr sample` records a generation (_draw_queries' sampler: DDPM, its default
+        # steps), so that Journey-TRAK can re-run each query's chain.
+        write_json(
+            file.with_name("samples.json"),
+            {
+                "n": len(dataset),
+                "seeds": dataset.ids.tolist(),
+                "sampler": "ddpm",
+                "steps": None,
+                "guidance_scale": guidance_scale,
+            },
+        )
     save_grid(dataset.images[:64], path / "queries" / f"{name}.png")
     return {"file": f"queries/{name}.npz", "n": len(dataset), "sha256": sha256_file(file)}
 
