@@ -126,18 +126,17 @@ def plan_command(args: argparse.Namespace) -> None:
     if estimate.layout:
         print("per-layer factored features (d_out x d_in -> k_out x k_in):")
         print("\n".join(estimate.layout))
-    print("memory (GB):")
-    for name, value in estimate.memory_bytes.items():
-        print(f"  {name:24s} {value / 1e9:10.3f}")
-    print(f"  {'sum (upper bound)':24s} {estimate.peak_memory_bytes / 1e9:10.3f}")
+    _table(
+        "memory (GB):",
+        estimate.memory_bytes,
+        1e9,
+        ("sum (upper bound)", estimate.peak_memory_bytes),
+    )
     if backend == "vmap":
         kept = "kept in memory" if estimate.matrix_kept else "regenerated per buffer"
         print(f"projection matrix: {kept}")
     print(f"disk for the feature stores: {estimate.disk_bytes / 1e9:.3f} GB")
-    print("time (hours):")
-    for name, value in estimate.seconds.items():
-        print(f"  {name:24s} {value / 3600:10.3f}")
-    print(f"  {'total':24s} {estimate.total_seconds / 3600:10.3f}")
+    _table("time (hours):", estimate.seconds, 3600, ("total", estimate.total_seconds))
     probe = estimate.probe
     if backend == "factored":
         print(
@@ -173,14 +172,13 @@ def _plan_nda(args: argparse.Namespace, device: torch.device) -> None:
         f"{config.noise_draws} noise draws, {config.dtype}, on {device} "
         f"({estimate.workers} worker threads, {estimate.batch} query rows per batch)"
     )
-    print("memory (GB):")
-    for name, value in estimate.memory_bytes.items():
-        print(f"  {name:24s} {value / 1e9:10.3f}")
-    print(f"  {'sum (upper bound)':24s} {estimate.peak_memory_bytes / 1e9:10.3f}")
-    print("time (hours):")
-    for name, value in estimate.seconds.items():
-        print(f"  {name:24s} {value / 3600:10.3f}")
-    print(f"  {'total':24s} {estimate.total_seconds / 3600:10.3f}")
+    _table(
+        "memory (GB):",
+        estimate.memory_bytes,
+        1e9,
+        ("sum (upper bound)", estimate.peak_memory_bytes),
+    )
+    _table("time (hours):", estimate.seconds, 3600, ("total", estimate.total_seconds))
     probe = estimate.probe
     print(
         f"per query: {estimate.seconds_per_query:.2f} s (probe: {probe['query_rows']} query rows "
@@ -214,15 +212,14 @@ def _plan_curvature(
         f"{args.n_train:,} images x {estimate.timesteps} timesteps x {estimate.directions} "
         f"output directions, batch {estimate.batch_size}, on {device}"
     )
-    print("memory (GB; activations counted on CUDA only):")
-    for name, value in estimate.memory_bytes.items():
-        print(f"  {name:24s} {value / 1e9:10.3f}")
-    print(f"  {'peak':24s} {estimate.peak_memory_bytes / 1e9:10.3f}")
+    _table(
+        "memory (GB; activations counted on CUDA only):",
+        estimate.memory_bytes,
+        1e9,
+        ("peak", estimate.peak_memory_bytes),
+    )
     print(f"disk for curvature.safetensors: {estimate.disk_bytes / 1e9:.3f} GB")
-    print("time (hours):")
-    for name, value in estimate.seconds.items():
-        print(f"  {name:24s} {value / 3600:10.3f}")
-    print(f"  {'total':24s} {estimate.total_seconds / 3600:10.3f}")
+    _table("time (hours):", estimate.seconds, 3600, ("total", estimate.total_seconds))
     print(
         f"probe: {estimate.probe['seconds_per_factor_batch']:.3f} s (factors) and "
         f"{estimate.probe['seconds_per_eigen_batch']:.3f} s (EK-FAC) per batch and timestep; "
@@ -260,11 +257,20 @@ def _plan_per_query(
         f"{args.method} on {args.model}: {args.n_train:,} training images, "
         f"{args.n_queries:,} queries, on {device} (the method's default settings)"
     )
-    print("time once (hours):")
-    for name, value in estimate.seconds_once.items():
-        print(f"  {name:24s} {value / 3600:10.3f}")
-    print("time per query (seconds):")
-    for name, value in estimate.seconds_per_query.items():
-        print(f"  {name:24s} {value:10.3f}")
-    print(f"  {'per query':24s} {estimate.per_query_seconds:10.3f}")
+    _table("time once (hours):", estimate.seconds_once, 3600)
+    _table(
+        "time per query (seconds):",
+        estimate.seconds_per_query,
+        1,
+        ("per query", estimate.per_query_seconds),
+    )
     print(f"total (hours): {estimate.total_seconds / 3600:.3f}")
+
+
+def _table(
+    title: str, rows: dict[str, float], unit: float, last: tuple[str, float] | None = None
+) -> None:
+    """Print ``title``, then one line per row (and ``last``, a sum or peak) in ``unit``s."""
+    print(title)
+    for name, value in [*rows.items(), *([last] if last else [])]:
+        print(f"  {name:24s} {value / unit:10.3f}")
