@@ -563,28 +563,65 @@ def estimate_curvature(
     record = _open_record(path, settings, distributed)
     output_size = int(np.prod(computer.encode(dataset.images[:1]).shape[1:]))
     info = {"n_images": len(dataset), "output_size": output_size, "settings": settings}
-    if record.get("complete"):
-        return _load(path, record, modules, info)
+    if not record.get("complete"):
+        # In a helper: its arrays are freed before the estimate is read back.
+        _compute(
+            computer,
+            dataset,
+            plan,
+            config,
+            path,
+            record,
+            modules,
+            info,
+            distributed,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+    return _load(path, read_json(path / SETTINGS_FILE), modules, info)
+
+
+def _compute(
+    computer: _StageComputer,
+    dataset: ImageDataset,
+    plan: Plan,
+    config: CurvatureConfig,
+    path: Path,
+    record: dict[str, Any],
+    modules: list[str],
+    info: dict[str, Any],
+    distributed: Distributed,
+    *,
+    batch_size: int,
+    chunk_size: int,
+    progress: bool,
+) -> None:
+    """Both passes (resumed where partial sums are saved); rank 0 writes the estimate."""
     own = dataset.ids[distributed.block(len(dataset))]
-    run = _Pass(computer, dataset, plan, config, own, output_size, batch_size, chunk_size)
+    run = _Pass(computer, dataset, plan, config, own, info["output_size"], batch_size, chunk_size)
     pairs = len(dataset) * len(plan)
     if record.get("factors") is None:
         computer.stage = "factors"
-        sums = run(path / f"partial-factors-{part_name(distributed)}.safetensors", progress)
-        sums = {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
+        sums = _reduced(
+            run(path / f"partial-factors-{part_name(distributed)}.safetensors", progress),
+            distributed,
+        )
         if distributed.rank == 0:
-            layers = {m: _decompose(sums, i, pairs) for i, m in enumerate(modules)}
-            arrays = Curvature(layers, None, **info).to_arrays()
-            _save(path / _FACTORS_FILE, arrays)
-            record = {**record, "factors": sha256_file(path / _FACTORS_FILE)}
-            write_json(path / SETTINGS_FILE, record)
+            _write_factors(path, record, sums, modules, pairs, info)
+        del sums  # the factor sums are on disk: not held through the second pass
         distributed.barrier()
         record = read_json(path / SETTINGS_FILE)
     partial = Curvature.from_arrays(_read(path / _FACTORS_FILE, record["factors"]), modules, **info)
     computer.stage = "eigenvalues"
-    computer.projector = CurvatureProjector(computer.layout, partial, kind=None, device=device)
-    sums = run(path / f"partial-eigenvalues-{part_name(distributed)}.safetensors", progress)
-    sums = {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
+    computer.projector = CurvatureProjector(
+        computer.layout, partial, kind=None, device=computer.device
+    )
+    sums = _reduced(
+        run(path / f"partial-eigenvalues-{part_name(distributed)}.safetensors", progress),
+        distributed,
+    )
+    computer.projector = None
     if distributed.rank == 0:
         for index, module in enumerate(modules):
             layer = partial.layers[module]
@@ -599,7 +636,24 @@ def estimate_curvature(
     distributed.barrier()
     for stage in ("factors", "eigenvalues"):
         (path / f"partial-{stage}-{part_name(distributed)}.safetensors").unlink(missing_ok=True)
-    return _load(path, read_json(path / SETTINGS_FILE), modules, info)
+
+
+def _reduced(sums: dict[str, np.ndarray], distributed: Distributed) -> dict[str, np.ndarray]:
+    return {name: distributed.all_reduce_sum(value) for name, value in sums.items()}
+
+
+def _write_factors(
+    path: Path,
+    record: dict[str, Any],
+    sums: dict[str, np.ndarray],
+    modules: list[str],
+    pairs: int,
+    info: dict[str, Any],
+) -> None:
+    """Rank 0: the factors' means and eigen-decompositions, saved, and the record updated."""
+    layers = {m: _decompose(sums, i, pairs) for i, m in enumerate(modules)}
+    _save(path / _FACTORS_FILE, Curvature(layers, None, **info).to_arrays())
+    write_json(path / SETTINGS_FILE, {**record, "factors": sha256_file(path / _FACTORS_FILE)})
 
 
 def _with_ekfac(layer: LayerCurvature, ekfac: np.ndarray) -> LayerCurvature:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffattr._probe import measure
 from diffattr.errors import ConfigError
 from diffattr.features._curvature import (
     Curvature,
@@ -68,8 +69,9 @@ class CurvaturePlanEstimate:
         batch_size: Images per batch.
         device: Where it runs.
         memory_bytes: Resident bytes in each phase (``factor_pass``, ``decomposition``,
-            ``eigen_pass``); the peak is the largest. Activations are counted on CUDA only (the
-            probe's measured peak); on the CPU add the featurisation's working memory.
+            ``eigen_pass``, ``save``); the peak is the largest. A pass's working memory (activations
+            included) is the probe's measured growth (:mod:`diffattr._probe`: CUDA, or the
+            resident set on Linux), where larger than the sums it keeps.
         disk_bytes: ``curvature.safetensors``'s arrays (exact; the file adds a small header).
             The intermediate factors file, deleted at the end, is that minus Lambda and the rest.
         seconds: ``factors`` (first pass), ``eigendecompositions``, ``eigenvalues`` (EK-FAC
@@ -161,12 +163,13 @@ def estimate_curvature_cost(
     decomposed = sum((2 * b.d_in**2 + 2 * b.d_out**2 + b.d_in + b.d_out) * _F64 for b in blocks)
     lambdas = sum(b.d_out * b.d_in * _F64 for b in blocks)
     rest = layout.rest_numel * _F64 if layout.rest else 0
+    saved_bytes = sum(saved.values()) + rest
     model_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max((b.d_out * b.d_in for b in blocks), default=0)
 
     seconds: dict[str, float] = {}
     measured: dict[str, float] = {}
-    peaks: dict[str, int] = {}
+    peaks: dict[str, int | None] = {}
     if probe:
         cond = computer.condition([""] * batch) if computer.conditional else None
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)).to(device)
@@ -179,13 +182,15 @@ def estimate_curvature_cost(
             computer.accumulate(x0, 500, noise, cond, along)
 
         computer.stage = "factors"
-        per_batch, peaks["factor_pass"] = _timed(run, repeats, device)
+        factor_probe = measure(run, repeats, device)
+        per_batch, peaks["factor_pass"] = factor_probe.seconds, factor_probe.peak_bytes
         measured["seconds_per_factor_batch"] = per_batch
         computer.stage = "eigenvalues"
         computer.projector = CurvatureProjector(
             layout, _identity_curvature(blocks), kind=None, device=device
         )
-        per_batch_eigen, peaks["eigen_pass"] = _timed(run, repeats, device)
+        eigen_probe = measure(run, repeats, device)
+        per_batch_eigen, peaks["eigen_pass"] = eigen_probe.seconds, eigen_probe.peak_bytes
         measured["seconds_per_eigen_batch"] = per_batch_eigen
         computer.sums = {}
         pairs = n_images * features.plan.num_steps / batch
@@ -195,21 +200,23 @@ def estimate_curvature_cost(
             "eigendecompositions": _eigh_seconds(sizes, measured),
             "eigenvalues": per_batch_eigen * pairs,
         }
-    activations = {phase: peaks.get(phase) or 0 for phase in ("factor_pass", "eigen_pass")}
+    # What a pass allocates: the running sums (and, in the EK-FAC pass, one layer's rotated
+    # batch gradient), or, where the probe measured it, its growth over the pass (the sums,
+    # activations and temporaries), whichever is larger.
+    factor_work = max(factors, peaks.get("factor_pass") or 0)
+    eigen_work = max(lambdas + rest + batch * largest * itemsize, peaks.get("eigen_pass") or 0)
     memory = {
-        # The running sums of A and S, on the device.
-        "factor_pass": model_bytes + factors + activations["factor_pass"],
+        "factor_pass": model_bytes + factor_work,
         # The summed factors, their means, eigenvalues and eigenvectors (rank 0).
         "decomposition": model_bytes + factors + decomposed,
         # The factors and bases read back, the bases in the working precision on the device,
-        # the sums of Lambda and the rest, one layer's rotated batch gradient.
+        # and the pass's work.
         "eigen_pass": model_bytes
         + decomposed
         + sum((b.d_in**2 + b.d_out**2) for b in blocks) * itemsize
-        + lambdas
-        + rest
-        + batch * largest * itemsize
-        + activations["eigen_pass"],
+        + eigen_work,
+        # The whole estimate and its serialised copy (safetensors writes from bytes).
+        "save": model_bytes + decomposed + lambdas + rest + saved_bytes,
     }
     return CurvaturePlanEstimate(
         parameters=computer.num_parameters,
@@ -219,7 +226,7 @@ def estimate_curvature_cost(
         batch_size=batch,
         device=str(device),
         memory_bytes={k: int(v) for k, v in memory.items()},
-        disk_bytes=int(sum(saved.values()) + rest),
+        disk_bytes=int(saved_bytes),
         seconds=seconds,
         probe=measured,
         layers=[
@@ -249,23 +256,6 @@ def _identity_curvature(blocks: list[LayerBlock]) -> Curvature:
             eye_in, eye_out, np.ones(b.d_in), eye_in, np.ones(b.d_out), eye_out
         )
     return Curvature(layers, None, n_images=1, output_size=1, settings={})
-
-
-def _timed(fn: Any, repeats: int, device: torch.device) -> tuple[float, int | None]:
-    """The fastest time of ``fn`` after a warm-up and, on CUDA, its peak allocated memory."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - began)
-    return best, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def _eigh_seconds(sizes: list[int], probe: dict[str, float]) -> float:

@@ -9,12 +9,12 @@ plan before they are projected, and a regenerated matrix is made once per buffer
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from diffattr._probe import measure
 from diffattr.errors import ConfigError
 from diffattr.features._engine import FeatureConfig
 from diffattr.features._factored import FactoredGradientComputer, refuse_batch_coupling
@@ -178,21 +178,20 @@ def estimate_featurization(
     p, r = computer.num_parameters, computer.num_outputs
     batch = max(1, min(batch_size, n_samples))
     x0, noise, cond = _probe_inputs(computer, batch, image_shape, device)
-    grad_seconds, measured_peak = _probe(
-        lambda: computer.compute(x0, 500, noise, cond), repeats, device
-    )
+    measured = measure(lambda: computer.compute(x0, 500, noise, cond), repeats, device)
+    grad_seconds = measured.seconds
 
     itemsize = 8 if dtype == torch.float64 else 4
     matrix_bytes = p * proj_dim * itemsize
     kept = matrix_bytes <= max_memory_mb * _MB
     rows = max(1, min(p, (64 * _MB) // (itemsize * proj_dim)))
     distribution = features.projection.distribution
-    gen_seconds = _fastest(
+    gen_seconds = measure(
         lambda: dense_block(0, range(rows), proj_dim, distribution, device=device), repeats, device
-    )
+    ).seconds
     block = dense_block(0, range(rows), proj_dim, distribution, device=device)
     grads = torch.randn((batch * r, rows), device=device)
-    mm_seconds = _fastest(lambda: grads @ block, repeats, device)
+    mm_seconds = measure(lambda: grads @ block, repeats, device).seconds
 
     pairs = n_samples * timesteps
     buffer_rows = max(batch, (projection_buffer_mb * _MB) // (r * p * itemsize))
@@ -206,7 +205,8 @@ def estimate_featurization(
     per_sample = r * p * itemsize
     memory = {
         "model_and_copy": 2 * p * itemsize,
-        "per_sample_gradients": measured_peak or 3 * batch * per_sample,
+        # Measured: the probe batch's per-sample gradients, activations and temporaries.
+        "per_sample_gradients": _or(measured.peak_bytes, 3 * batch * per_sample),
         "gradient_buffer": min(buffer_rows, n_samples) * per_sample,
         "projection_matrix": matrix_bytes if kept else rows * proj_dim * itemsize,
         "kernel": 2 * proj_dim**2 * 8,  # Phi^T Phi and its Cholesky factor, float64
@@ -253,15 +253,16 @@ def _estimate_factored(
     p, r, k = computer.num_parameters, computer.num_outputs, computer.proj_dim
     batch = max(1, min(batch_size, n_samples))
     x0, noise, cond = _probe_inputs(computer, batch, image_shape, device)
-    seconds_per_batch, measured_peak = _probe(
-        lambda: computer.compute_features(x0, 500, noise, cond), repeats, device
-    )
+    measured = measure(lambda: computer.compute_features(x0, 500, noise, cond), repeats, device)
+    seconds_per_batch = measured.seconds
     largest = max((block.d_out * block.d_in for block in layout.blocks), default=0)
     memory = {
         "model_and_copy": 2 * p * 4,
-        # Without a measurement: the block accumulators and their concatenation, and one
-        # layer's exact gradient when that is the cheaper way (activations not counted).
-        "factored_features": measured_peak or batch * r * (2 * layout.factored_dim + largest) * 4,
+        # Measured (activations included); without a measurement: the block accumulators and
+        # their concatenation, and one layer's exact gradient (activations not counted).
+        "factored_features": _or(
+            measured.peak_bytes, batch * r * (2 * layout.factored_dim + largest) * 4
+        ),
         "final_sparse_map": (
             layout.factored_dim * projection.nnz * 12 if layout.factored_dim > k else 0
         ),
@@ -308,14 +309,6 @@ def _probe_inputs(
     return x0, noise.to(device), cond
 
 
-def _probe(fn: Any, repeats: int, device: torch.device) -> tuple[float, int | None]:
-    """The fastest time of ``fn`` and, on CUDA, its peak allocated memory."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = _fastest(fn, repeats, device)
-    return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
 def _disk_bytes(n_samples: int, timesteps: int, features: FeatureConfig) -> int:
     # Stored per sample (as featurize lays out a store): features (r k) in the storage dtype;
     # losses and norms (2 K) and residuals (K r) in the computation's.
@@ -330,15 +323,6 @@ def _kernel_seconds(n: int, r: int, k: int) -> float:
     return (2 * n * r * k * k + k**3 / 3) / 20e9
 
 
-def _fastest(fn: Any, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: allocations, kernel selection, first-call overheads
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - began)
-    return best
+def _or(measured: int | None, fallback: int) -> int:
+    """The probe's measurement where it has one (CUDA, Linux), else the shape-based bound."""
+    return fallback if measured is None else measured

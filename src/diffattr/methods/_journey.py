@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from diffattr._io import read_json, write_npz
+from diffattr._probe import measure
 from diffattr._seed import generator
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, DataError, StoreError, StoreMismatchError
@@ -780,10 +780,7 @@ def estimate_journey(
             progress=False,
         )
 
-    chain()  # warm-up
-    began = time.perf_counter()
-    chain()
-    seconds_per_step = (time.perf_counter() - began) / timed
+    seconds_per_step = measure(chain, 1, torch.device(device)).seconds / timed
     batches = -(-n_queries // batch)
     chain_seconds = seconds_per_step * steps * batches / n_queries
     gradients = query_side.seconds["gradients"] / n_queries

@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -93,6 +92,7 @@ from tqdm.auto import tqdm
 
 from diffattr._config import check_fields, is_int, known_fields
 from diffattr._device import resolve_device
+from diffattr._probe import measure
 from diffattr._seed import generator
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, DataError
@@ -890,8 +890,8 @@ def estimate_nda(
                     *_scale_pass(patches, keys[scale], inv_var, config.top_k, layout), rows
                 )
 
-        keys_seconds = _fastest(build_keys, repeats, device)
-        score_seconds = _fastest(score, repeats, device)
+        keys_seconds = measure(build_keys, repeats, device).seconds
+        score_seconds = measure(score, repeats, device).seconds
     per_image = len(config.timesteps) * n_train / n_probe
     seconds_per_query = score_seconds / rows * config.noise_draws * per_image
     # Per training image, one timestep's keys: the scaled image, and at each scale the padded
@@ -932,21 +932,6 @@ def estimate_nda(
             "seconds_scoring": score_seconds,
         },
     )
-
-
-def _fastest(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one untimed warm-up."""
-    fn()
-    best = math.inf
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - began)
-    return best
 
 
 def _position(dataset: ImageDataset, sample_id: int, what: str) -> int:

@@ -28,7 +28,6 @@ The model is copied (in the features' dtype) and never saved: the checkpoint is 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffattr._probe import measure
 from diffattr._seed import derive_seed, generator
 from diffattr.data import ImageDataset
 from diffattr.errors import ConfigError, DataError
@@ -528,9 +528,9 @@ def estimate_unlearn(
     def fisher() -> None:
         computer.compute(x0[:fisher_batch], middle, noise, fisher_cond)
 
-    ascent_seconds = _fastest_seconds(ascent, repeats)
-    per_pair = _fastest_seconds(losses, repeats) / (batch * len(plan))
-    per_fisher_image = _fastest_seconds(fisher, repeats) / fisher_batch
+    ascent_seconds = measure(ascent, repeats, device).seconds
+    per_pair = measure(losses, repeats, device).seconds / (batch * len(plan))
+    per_fisher_image = measure(fisher, repeats, device).seconds / fisher_batch
     candidates = n_train if config.candidates is None else min(config.top_m, n_train)
     pass_seconds = per_pair * len(plan)
     return PerQueryEstimate(
@@ -552,14 +552,3 @@ def estimate_unlearn(
             "seconds_per_fisher_image": per_fisher_image,
         },
     )
-
-
-def _fastest_seconds(fn: Any, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        began = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - began)
-    return best
