@@ -191,7 +191,9 @@ def test_config_is_validated() -> None:
             UnlearnConfig(**bad)
 
 
-def test_command_line(checkpoint: Checkpoint, tmp_path: Path) -> None:
+def test_command_line(
+    checkpoint: Checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert METHODS["unlearn"] is Unlearn
     out = tmp_path / "cli"
     args = [
@@ -215,6 +217,10 @@ def test_command_line(checkpoint: Checkpoint, tmp_path: Path) -> None:
     scores = Scores.load(out / "scores" / "unlearn")
     assert scores.values.shape[0] == 2
     assert scores.settings["config"]["loss_timesteps"] == 4
+    # The summary names what unlearning used, not the unused feature settings.
+    summary = capsys.readouterr().out
+    assert "1 ascent steps of 0.01, losses over 4 timesteps for all training images" in summary
+    assert "k=" not in summary
 
 
 def test_plan_estimate_scales_its_probe_to_the_run(checkpoint: Checkpoint) -> None:

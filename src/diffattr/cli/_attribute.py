@@ -191,10 +191,7 @@ def attribute(args: argparse.Namespace) -> None:
     how = (
         ""
         if model_free
-        else (
-            f", {_models_text(args, checkpoints)}, {args.timesteps} timesteps, k={args.proj_dim} "
-            f"({scores.settings['features']['backend']} backend)"
-        )
+        else f", {_models_text(args, checkpoints)}, {method.describe(scores.settings)}"
     )
     print(
         f"{method.name}: {len(scores.query_ids)} queries x {len(scores.train_ids)} training "

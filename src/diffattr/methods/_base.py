@@ -188,6 +188,17 @@ class AttributionMethod(Method):
             },
         )
 
+    def describe(self, settings: dict[str, Any]) -> str:
+        """What scores with these ``settings`` were computed from, in a few words.
+
+        ``diffattr attribute`` prints it; the default names the features' plan and projection.
+        """
+        features = settings["features"]
+        return (
+            f"{features['plan']['num_steps']} timesteps, k={features['projection']['dim']} "
+            f"({features['backend']} backend)"
+        )
+
     def _extra_settings(self) -> dict[str, Any]:
         return {}
 

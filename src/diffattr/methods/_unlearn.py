@@ -415,6 +415,15 @@ class Unlearn(AttributionMethod):
             chosen.append(np.sort([position[int(i)] for i in scores.train_ids[order]]))
         return chosen
 
+    def describe(self, settings: dict[str, Any]) -> str:
+        """The unlearning and the loss plan (no features are projected)."""
+        config = self.config
+        candidates = "all training images" if config.candidates is None else f"top {config.top_m}"
+        return (
+            f"{config.steps} ascent steps of {config.learning_rate:g}, losses over "
+            f"{settings['loss_plan']['config']['num_steps']} timesteps for {candidates}"
+        )
+
     def _extra_settings(self) -> dict[str, Any]:
         num_train_timesteps = self._train[0].settings["scheduler"]["num_train_timesteps"]
         return {
