@@ -270,6 +270,8 @@ def test_plan_estimate_adds_the_chain_to_the_step_gradients(checkpoint: Checkpoi
     assert estimate.total_seconds == pytest.approx(
         estimate.seconds_once["training features"] + 5 * estimate.per_query_seconds
     )
+    assert estimate.memory_bytes["scores per step"] == 5 * 4 * 30 * 8
+    assert estimate.memory_bytes["featurisation (larger)"] > 0
     with pytest.raises(ConfigError, match="exceeds"):
         estimate_journey(
             model,

@@ -241,6 +241,10 @@ def test_plan_estimate_scales_its_probe_to_the_run(checkpoint: Checkpoint) -> No
         sum(full.seconds_once.values()) + 7 * full.per_query_seconds
     )
     assert all(v > 0 for v in probe.values())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert full.memory_bytes["model and 2 copies"] == 3 * model_bytes
+    assert full.memory_bytes["scores"] == 7 * 500 * 8
+    assert full.to_dict()["peak_memory_bytes"] == sum(full.memory_bytes.values())
     restricted = UnlearnConfig(**QUICK, candidates="elsewhere", top_m=20)
     few = estimate_unlearn(model, checkpoint.scheduler_config, restricted, **kwargs)
     assert few.candidates == 20

@@ -213,7 +213,7 @@ def _plan_curvature(
         f"output directions, batch {estimate.batch_size}, on {device}"
     )
     _table(
-        "memory (GB; activations counted on CUDA only):",
+        "memory (GB):",
         estimate.memory_bytes,
         1e9,
         ("peak", estimate.peak_memory_bytes),
@@ -256,6 +256,12 @@ def _plan_per_query(
     print(
         f"{args.method} on {args.model}: {args.n_train:,} training images, "
         f"{args.n_queries:,} queries, on {device} (the method's default settings)"
+    )
+    _table(
+        "memory (GB):",
+        estimate.memory_bytes,
+        1e9,
+        ("sum (upper bound)", estimate.peak_memory_bytes),
     )
     _table("time once (hours):", estimate.seconds_once, 3600)
     _table(

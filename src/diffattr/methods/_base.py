@@ -241,6 +241,8 @@ class PerQueryEstimate:
         seconds_per_query: What each query pays, by name.
         probe: The measured rates the estimate scales.
         candidates: Training images each query's pass covers, where a method restricts it.
+        memory_bytes: Resident bytes by piece; the working memory of the probed passes is
+            measured (:mod:`diffattr._probe`) and left out where it cannot be.
     """
 
     method: str
@@ -250,6 +252,12 @@ class PerQueryEstimate:
     seconds_per_query: dict[str, float]
     probe: dict[str, float]
     candidates: int | None = None
+    memory_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The sum of the resident pieces (an upper bound: not all live at once)."""
+        return sum(self.memory_bytes.values())
 
     @property
     def per_query_seconds(self) -> float:
@@ -267,4 +275,5 @@ class PerQueryEstimate:
             **dataclasses.asdict(self),
             "per_query_seconds": self.per_query_seconds,
             "total_seconds": self.total_seconds,
+            "peak_memory_bytes": self.peak_memory_bytes,
         }

@@ -780,7 +780,8 @@ def estimate_journey(
             progress=False,
         )
 
-    seconds_per_step = measure(chain, 1, torch.device(device)).seconds / timed
+    chain_probe = measure(chain, 1, torch.device(device))
+    seconds_per_step = chain_probe.seconds / timed
     batches = -(-n_queries // batch)
     chain_seconds = seconds_per_step * steps * batches / n_queries
     gradients = query_side.seconds["gradients"] / n_queries
@@ -791,4 +792,17 @@ def estimate_journey(
         seconds_once={"training features": train_side.total_seconds},
         seconds_per_query={"chain": chain_seconds, "step gradients": gradients},
         probe={"seconds_per_chain_step_of_batch": seconds_per_step, "batch": batch},
+        memory_bytes={
+            # The stages run one after another: the larger featurisation, the chain batch's
+            # measured growth, and the per-step scores (float64 while scoring).
+            "featurisation (larger)": max(
+                train_side.peak_memory_bytes, query_side.peak_memory_bytes
+            ),
+            **(
+                {}
+                if chain_probe.peak_bytes is None
+                else {"chain (measured)": chain_probe.peak_bytes}
+            ),
+            "scores per step": n_queries * config.journey_steps * n_train * 8,
+        },
     )

@@ -537,8 +537,9 @@ def estimate_unlearn(
     def fisher() -> None:
         computer.compute(x0[:fisher_batch], middle, noise, fisher_cond)
 
-    ascent_seconds = measure(ascent, repeats, device).seconds
-    per_pair = measure(losses, repeats, device).seconds / (batch * len(plan))
+    ascent_probe, loss_probe = measure(ascent, repeats, device), measure(losses, repeats, device)
+    ascent_seconds = ascent_probe.seconds
+    per_pair = loss_probe.seconds / (batch * len(plan))
     per_fisher_image = measure(fisher, repeats, device).seconds / fisher_batch
     candidates = n_train if config.candidates is None else min(config.top_m, n_train)
     pass_seconds = per_pair * len(plan)
@@ -555,9 +556,37 @@ def estimate_unlearn(
             "unlearning": config.steps * ascent_seconds,
             "loss pass": pass_seconds * candidates,
         },
+        memory_bytes=_unlearn_memory(
+            model, selected, n_train, n_queries, ascent_probe.peak_bytes, loss_probe.peak_bytes
+        ),
         probe={
             "seconds_per_ascent_gradient": ascent_seconds,
             "seconds_per_loss_pair": per_pair,
             "seconds_per_fisher_image": per_fisher_image,
         },
     )
+
+
+def _unlearn_memory(
+    model: nn.Module,
+    selected: list[torch.Tensor],
+    n_train: int,
+    n_queries: int,
+    ascent_bytes: int | None,
+    loss_bytes: int | None,
+) -> dict[str, int]:
+    """Resident bytes of an unlearning run by piece (see :func:`estimate_unlearn`)."""
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    chosen = sum(p.numel() for p in selected)
+    itemsize = selected[0].element_size() if selected else 4
+    memory = {
+        # The caller's model, the method's working copy, and the copy each query unlearns.
+        "model and 2 copies": 3 * model_bytes,
+        # The Fisher (float64, and as tensors) and theta_0 of the selected parameters.
+        "Fisher and origin": chosen * (8 + 2 * itemsize),
+        "scores": n_queries * n_train * 8,
+    }
+    measured = [b for b in (ascent_bytes, loss_bytes) if b is not None]
+    if measured:
+        memory["pass (measured)"] = max(measured)
+    return memory
