@@ -34,6 +34,15 @@ and ``speedup_vs_reference``: a reference's seconds over the fast path's in the 
 fast row: against the faster reference). Each variant first runs once on a small problem (one
 query, one timestep, 128 training images) so that one-off start-up costs are not timed.
 
+``--floor`` (after a comparison in the same ``--out``) asks how fast an exact fast path could be
+on this CPU: on one cache-sized tile of logits (the fast path's tile shape, logits drawn with
+the digits' spread) it times, per logit, the passes no exact algorithm skips here: the GEMM
+that makes the logits, the exp and sums of the log-sum-exp (every logit enters the image's
+total), and, with a top-K, numpy's row sort (the fastest exact selection measured; see the
+module's ``_top_last_``). Their sum times the logits of a query is a floor on the fast path's
+seconds per query (it leaves out the keys, the tables and the threads' overheads); the table
+sets it against a tenth of each case's faster reference from ``--out``.
+
 ``--markdown`` prints the tables of the ``--out`` file in Markdown (for benchmarks/README.md).
 
 ``--scale`` times the fast path for one query against N random 32x32 RGB training images for
@@ -45,6 +54,7 @@ measurement is from the fit (linearity) and the fit at ``--target-n``, next to t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import resource
@@ -480,6 +490,99 @@ def _print_scale(result: dict) -> None:
     )
 
 
+def _logits_per_query(size: int, config: NDAConfig) -> int:
+    """Logits of one query: P query patches x N images x Q positions, per scale and timestep."""
+    positions = size * size
+    return len(config.timesteps) * len(_scales(config.alpha)) * N_TRAIN * positions * positions
+
+
+def _gemm(query: torch.Tensor, columns: torch.Tensor, out: torch.Tensor, _: object) -> None:
+    torch.mm(query, columns, out=out)
+
+
+def _ns_per_logit(fn, make, repeats: int = 30) -> float:
+    """Median nanoseconds per logit of ``fn`` on a fresh tile from ``make`` (not timed)."""
+    times, count = [], 0
+    for _ in range(repeats):
+        tile = make()
+        count = tile.numel()
+        began = time.perf_counter()
+        fn(tile)
+        times.append(time.perf_counter() - began)
+    return float(np.median(times)) / count * 1e9
+
+
+def _floor(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Per case: the unavoidable passes' ns per logit and their floor against reference / 10."""
+    torch.set_num_threads(1)
+    out = []
+    for case in _cases(args):
+        size, top_k = case["size"], case["top_k"]
+        config = NDAConfig(dtype=args.dtype, top_k=top_k or None)
+        dtype = _nda._DTYPES[args.dtype]
+        positions = size * size
+        layout = _nda._plan(
+            config, case["queries"], N_TRAIN, (1, size, size), torch.device("cpu"), 1
+        )
+        tile_rows, chunk = min(layout.tile_rows, positions), layout.chunk
+        depth = config.patch_size**2 + 1
+        draw = torch.Generator().manual_seed(0)
+        query = torch.randn((tile_rows, depth), generator=draw, dtype=dtype)
+        columns = torch.randn((depth, chunk * positions), generator=draw, dtype=dtype)
+        # Logits with the digits' spread within an image row (tens of units).
+        base = (torch.randn((tile_rows, chunk, positions), generator=draw) * 8).to(dtype)
+        scratch = torch.empty((tile_rows, chunk * positions), dtype=dtype)
+        passes = {
+            "gemm": _ns_per_logit(
+                functools.partial(_gemm, query, columns, scratch), scratch.detach
+            ),
+            "exp and sums": _ns_per_logit(lambda t: _nda._image_sums_(t, None), base.clone),
+        }
+        if top_k:
+            passes["row sort"] = _ns_per_logit(lambda t: t.numpy().sort(axis=-1), base.clone)
+        logits = _logits_per_query(size, config)
+        floor = sum(passes.values()) * logits / 1e9
+        measured = [
+            r for r in rows if r["size"] == size and r["top_k"] == top_k and r["threads"] == 1
+        ]
+        references = [r["s_per_query"] for r in measured if r["variant"] in REFERENCES]
+        fast = [r["s_per_query"] for r in measured if r["variant"] == "fast"]
+        out.append(
+            {
+                "size": size,
+                "top_k": top_k,
+                "logits_per_query": logits,
+                "ns_per_logit": passes,
+                "floor_s_per_query": floor,
+                "reference_s_per_query": min(references) if references else None,
+                "fast_s_per_query": fast[0] if fast else None,
+            }
+        )
+    return out
+
+
+def _print_floor(floor: list[dict]) -> None:
+    print("one thread; ns per logit of the passes an exact fast path cannot skip on this CPU")
+    print(
+        f"{'size':>6s} {'top-K':>5s} {'logits':>10s} {'gemm':>6s} {'exp+sums':>8s} "
+        f"{'sort':>6s} {'floor s/query':>13s} {'reference / 10':>14s} {'fast':>6s}"
+    )
+    for row in floor:
+        ns = row["ns_per_logit"]
+        reference, fast = row["reference_s_per_query"], row["fast_s_per_query"]
+        print(
+            f"{row['size']:>3d}x{row['size']:<2d} {row['top_k'] or 'all'!s:>5s} "
+            f"{row['logits_per_query']:10.3g} {ns['gemm']:6.3f} {ns['exp and sums']:8.3f} "
+            f"{ns.get('row sort', 0.0):6.3f} {row['floor_s_per_query']:13.3f} "
+            f"{'-' if reference is None else f'{reference / 10:.3f}':>14s} "
+            f"{'-' if fast is None else f'{fast:.3f}':>6s}"
+        )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _markdown(result: dict) -> str:
     """The tables of a results file (``--out``) in Markdown, for benchmarks/README.md."""
     lines = []
@@ -500,6 +603,25 @@ def _markdown(result: dict) -> str:
                 f"| {row['threads']} | {row['size']}x{row['size']} | {row['top_k'] or 'all'} "
                 f"| {row['variant']} | {row['s_per_query']:.3f} | {row['cpu_s_per_query']:.3f} "
                 f"| {row['peak_mb']:.0f} | {row.get('max_rel_diff', math.nan):.1e} | {both} |"
+            )
+    floor = result.get("floor")
+    if floor:
+        if lines:
+            lines.append("")
+        lines += [
+            "| size | top-K | logits per query | ns per logit: GEMM / exp and sums / row sort "
+            "| floor s/query | faster reference / 10 | fast s/query |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in floor:
+            ns, reference = row["ns_per_logit"], row["reference_s_per_query"]
+            sort = f"{ns['row sort']:.3f}" if "row sort" in ns else "-"
+            lines.append(
+                f"| {row['size']}x{row['size']} | {row['top_k'] or 'all'} "
+                f"| {row['logits_per_query']:.3g} | {ns['gemm']:.3f} / {ns['exp and sums']:.3f} "
+                f"/ {sort} | {row['floor_s_per_query']:.2f} "
+                f"| {_seconds(None if reference is None else reference / 10)} "
+                f"| {_seconds(row['fast_s_per_query'])} |"
             )
     scale = result.get("scale")
     if scale:
@@ -552,6 +674,11 @@ def main() -> None:
     parser.add_argument("--target-n", type=int, default=50_000, help="N extrapolated to")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="time the passes an exact fast path cannot skip, against the --out comparison",
+    )
+    parser.add_argument(
         "--markdown",
         action="store_true",
         help="measure nothing: print the tables of the --out file in Markdown",
@@ -568,7 +695,12 @@ def main() -> None:
         args.queries, args.top_k, args.threads = args.queries[0], args.top_k[0], args.threads[0]
         _worker(args)
         return
-    if args.scale:
+    if args.floor:
+        known = args.out and Path(args.out).exists()
+        recorded = json.loads(Path(args.out).read_text()) if known else {}
+        result = {"floor": _floor(args, recorded.get("rows", []))}
+        _print_floor(result["floor"])
+    elif args.scale:
         args.threads = args.threads[0]
         result = {"scale": _scale(args), "scale_args": vars(args)}
         _print_scale(result["scale"])

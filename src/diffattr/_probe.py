@@ -10,7 +10,9 @@ what was in use before the warm-up:
   (Linux). Elsewhere, or where the reset is refused, the memory is not measured (None).
 
 The CPU figure counts what the allocator keeps and the library pages the calls first touch:
-what a run in a fresh process pays too.
+what a run in a fresh process pays too. The reset moves the process's peak mark (``VmHWM``,
+and with it ``getrusage``'s ``ru_maxrss``): a caller that wants its lifetime peak reads it
+before probing.
 """
 
 from __future__ import annotations
