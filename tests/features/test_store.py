@@ -415,7 +415,8 @@ for chunk in store.pending_chunks():
 def test_writer_killed_at_a_random_moment_resumes(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)])
     try:
-        deadline = time.monotonic() + 30
+        # Generous: the loop ends at 20 chunks, and a starved writer may take long to start.
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None:
             progress = tmp_path / "progress.json"
             if progress.exists() and len(json.loads(progress.read_text())["chunks"]) >= 20:
