@@ -66,6 +66,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from diffattr._device import resolve_device
+from diffattr._probe import PeakMemory
 from diffattr.features import (
     FactoredGradientComputer,
     GradientComputer,
@@ -213,47 +214,25 @@ def _current_rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _peak_rss(reset: bool) -> int:
-    """Peak RSS in bytes: VmHWM since the reset, else the process's lifetime ``ru_maxrss``."""
-    if reset:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 class _Memory:
-    """Peak memory over a baseline taken at construction (CUDA allocator, else RSS)."""
+    """Peak memory over a baseline taken at construction (CUDA allocator, else RSS).
+
+    The library's rule (``diffattr._probe.PeakMemory``); where the RSS mark cannot be reset,
+    the process's lifetime ``ru_maxrss`` over the baseline.
+    """
 
     def __init__(self, device: torch.device) -> None:
         gc.collect()
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.base = torch.cuda.memory_allocated(device)
-        else:
-            self.reset = _reset_peak_rss()
-            self.base = _current_rss()
+        self.peak = PeakMemory(device)
+        self.base = _current_rss()
 
     def extra_mb(self) -> float:
         """Peak bytes over the baseline, in MiB."""
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _peak_rss(self.reset)
-        return max(peak - self.base, 0) / 2**20
+        extra = self.peak.extra_bytes()
+        if extra is None:
+            lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            extra = max(lifetime - self.base, 0)
+        return extra / 2**20
 
 
 def _is_oom(err: BaseException) -> bool:

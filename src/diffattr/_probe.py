@@ -43,9 +43,45 @@ class Probe:
     peak_bytes: int | None
 
 
+class PeakMemory:
+    """Memory taken since construction (the module docstring's rule), for a probe or a region.
+
+    Args:
+        device: Where the memory is counted.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = self._begin()
+
+    def extra_bytes(self) -> int | None:
+        """The peak since construction over the level then, or None where not measurable."""
+        if self.base is None:
+            return None
+        if self.device.type == "cuda":
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+        try:
+            return max(0, _status_kb("VmHWM") * 1024 - self.base)
+        except (OSError, ValueError):
+            return None
+
+    def _begin(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        if self.device.type != "cpu":
+            return None
+        try:
+            _CLEAR_REFS.write_text("5")  # resets VmHWM to the current VmRSS
+            return _status_kb("VmRSS") * 1024
+        except (OSError, ValueError):
+            return None
+
+
 def measure(fn: Callable[[], Any], repeats: int, device: torch.device) -> Probe:
     """Warm ``fn`` up, time ``repeats`` calls (at least one), and measure their peak memory."""
-    began_bytes = _begin_memory(device)
+    memory = PeakMemory(device)
     fn()
     best = float("inf")
     for _ in range(max(1, repeats)):
@@ -56,32 +92,7 @@ def measure(fn: Callable[[], Any], repeats: int, device: torch.device) -> Probe:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - began)
-    return Probe(best, _peak_memory(device, began_bytes))
-
-
-def _begin_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    if device.type != "cpu":
-        return None
-    try:
-        _CLEAR_REFS.write_text("5")  # resets VmHWM to the current VmRSS
-        return _status_kb("VmRSS") * 1024
-    except (OSError, ValueError):
-        return None
-
-
-def _peak_memory(device: torch.device, began: int | None) -> int | None:
-    if began is None:
-        return None
-    if device.type == "cuda":
-        return max(0, torch.cuda.max_memory_allocated(device) - began)
-    try:
-        return max(0, _status_kb("VmHWM") * 1024 - began)
-    except (OSError, ValueError):
-        return None
+    return Probe(best, memory.extra_bytes())
 
 
 def _status_kb(field: str) -> int:
