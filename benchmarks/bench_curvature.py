@@ -238,9 +238,15 @@ def main() -> None:
         f"{plan['total_seconds']:.1f} s (factors {seconds['factors']:.1f}, "
         f"eigen-decompositions {seconds['eigendecompositions']:.1f}, EK-FAC pass "
         f"{seconds['eigenvalues']:.1f}), peak {plan['peak_memory_bytes'] / 2**20:.0f} MB "
-        f"without activations, curvature.safetensors {plan['disk_bytes'] / 2**20:.2f} MB; "
+        f"(activations measured by the probe), curvature.safetensors "
+        f"{plan['disk_bytes'] / 2**20:.2f} MB; "
         f"{len(plan['layers'])} layers, largest side {plan['probe']['largest_factor_side']:.0f}"
     )
+    _write(args, lines)
+
+
+def _write(args: argparse.Namespace, lines: list[str]) -> None:
+    """Print the table and write it to ``--out`` (after its text with ``--append``)."""
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = Path(args.out)
@@ -282,10 +288,11 @@ def per_image(args: argparse.Namespace) -> None:
         lines.append(f"{name:40s} {value:8.3f}")
     lines += [
         f"{'eigen-decompositions (once; timed to side 1024, d^3 above)':40s} {eigh:8.1f}",
-        f"peak RSS of the probe processes: kernel DAS {kernel['peak_mb']:.0f} MB, curvature "
+        f"peak RSS of the probe processes (from their last probe's start, where diffattr._probe "
+        f"resets the mark): kernel DAS {kernel['peak_mb']:.0f} MB, curvature "
         f"{plan['peak_mb']:.0f} MB; curvature.safetensors {plan['disk_bytes'] / 2**20:.1f} MB "
         f"(exact, from the layout) against kernel DAS's store {kernel['disk_bytes'] / 2**20:.1f} "
-        f"MB for {n} images; planned stage memory without activations "
+        f"MB for {n} images; planned stage memory (activations measured) "
         f"{plan['peak_memory_bytes'] / 2**20:.0f} MB; the exact route keeps {p * 4 / 2**20:.0f} "
         "MB per query",
         f"extrapolated to {n} training images x {steps} timesteps (per-pair seconds x pairs; "
@@ -298,12 +305,7 @@ def per_image(args: argparse.Namespace) -> None:
         f"  EK-FAC exact scoring, one query set (training set streamed once)  "
         f"{pair['EK-FAC pass'] * n * steps:10.0f} s",
     ]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    out = Path(args.out)
-    if args.append and out.exists():
-        text = out.read_text() + "\n" + text
-    out.write_text(text)
+    _write(args, lines)
 
 
 if __name__ == "__main__":
