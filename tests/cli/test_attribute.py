@@ -45,7 +45,7 @@ def test_attribute_scores_the_held_out_split(
 def test_backend_default_and_choice(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["attribute", str(run / "ckpt"), "--method", "das", *FAST]
     assert main([*base, "--out", str(run / "attr-auto")]) == 0
-    assert "k=16 (factored backend)" in capsys.readouterr().out
+    assert "1 checkpoint(s), 1 timesteps, k=16 (factored backend)" in capsys.readouterr().out
     features = Scores.load(run / "attr-auto" / "scores" / "das").settings["features"]
     assert (features["backend"], features["projection"]["kind"]) == ("factored", "kronecker")
     assert main([*base, "--out", str(run / "attr-vmap"), "--backend", "vmap"]) == 0
