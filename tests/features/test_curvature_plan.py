@@ -101,6 +101,9 @@ def test_planned_sizes_are_the_saved_curvature(tmp_path: Path) -> None:
     assert set(plan.seconds) == {"factors", "eigendecompositions", "eigenvalues"}
     assert all(value > 0 for value in plan.seconds.values())
     assert plan.peak_memory_bytes == max(plan.memory_bytes.values()) > plan.disk_bytes
+    # Saving holds the model and its copy, the whole estimate and its serialised bytes.
+    model_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.memory_bytes["save"] == model_bytes + 2 * plan.disk_bytes
     assert plan.to_dict()["total_seconds"] == pytest.approx(sum(plan.seconds.values()))
 
 
